@@ -1,0 +1,1 @@
+"""On-disk embedding caches, the synthetic world, pseudo tuples and batching."""

@@ -1,0 +1,1 @@
+"""The stages: bind, route, pair, extract, evaluate, and the pipeline that chains them."""

@@ -1,0 +1,229 @@
+"""Bind stage: train a mixture of projectors from one source space into the anchor space.
+
+`python train.py stage=bind space=clap` (paper §3.1, Eq. 1-2).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from omegaconf import DictConfig
+from safetensors.torch import load_file, save_file
+from torch import nn
+from torchmetrics import MeanMetric
+
+from datamodules.cache import CacheError, atomic_write, atomic_write_json
+from datamodules.embeddings import EmbeddingDataModule
+from datamodules.modalities import LETTERS, MODALITIES, PAIRS
+from lightning_modules.common import (
+    ensure_data,
+    make_trainer,
+    resume_checkpoint,
+    to_plain,
+    tuples_path,
+)
+from lightning_modules.losses import info_nce
+from lightning_modules.metrics import RetrievalRecall
+from lightning_modules.models import ProjectorMixture
+
+log = logging.getLogger(__name__)
+FREEBIND_EXPERTS = ("mix", "A", "T", "V", "AT", "AV", "TV")
+EXPORT_WEIGHTS, EXPORT_META = "projectors.safetensors", "bound.json"
+
+
+def expert_starts(experts: str | list[str], modalities: list[str]) -> dict[str, list[int]]:
+    """{expert name: starting-modality indices it trains on}.
+
+    `freebind` is FreeBind's set restricted to subsets whose modalities the space covers.
+    """
+    if experts == "freebind":
+        names = [e for e in FREEBIND_EXPERTS if e == "mix" or all(LETTERS[c] in modalities for c in e)]
+    else:
+        names = list(experts)
+    out = {}
+    for name in names:
+        if name == "mix":
+            out[name] = list(range(len(MODALITIES)))
+            continue
+        bad = [c for c in name if c not in LETTERS]
+        if bad:
+            raise ValueError(f"bind.experts: {name!r} has unknown letters {bad}; use mix or {list(LETTERS)}")
+        out[name] = [MODALITIES.index(LETTERS[c]) for c in name]
+    if not out:
+        raise ValueError("bind.experts is empty")
+    return out
+
+
+def retrieval_sides(space_mods: list[str], anchor_mods: list[str]) -> list[tuple[str, str]]:
+    """Modality pairs to validate: each side is embedded by the space if it covers it, else by
+    the anchor; pairs that the anchor alone would embed are left out."""
+    union = set(space_mods) | set(anchor_mods)
+    return [(a, b) for a, b in PAIRS if a in union and b in union and (a in space_mods or b in space_mods)]
+
+
+class BindModule(L.LightningModule):
+    """Projectors of one space, trained with Eq. 1 against the anchor's embeddings."""
+
+    def __init__(self, space: str, anchor: str, dims: dict[str, int], anchor_dims: dict[str, int],
+                 experts: dict[str, list[int]], hidden_dim: int = 2048, renormalize: bool = False,
+                 temperature: float = 0.03, loss_weights: dict[str, float] | None = None,
+                 lr: float = 1e-3, weight_decay: float = 0.0, warmup_fraction: float = 0.05,
+                 val_pairs: list[tuple[str, str]] = ()) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        in_dims = set(dims.values())
+        if len(in_dims) != 1:
+            raise ValueError(f"space {space!r}: one projector serves all modalities, but dims differ: {dims}")
+        out_dims = set(anchor_dims.values())
+        if len(out_dims) != 1:
+            raise ValueError(f"anchor {anchor!r}: modalities must share one dim, got {anchor_dims}")
+        self.mixture = ProjectorMixture(in_dims.pop(), out_dims.pop(), hidden_dim, len(experts), renormalize)
+        self.starts = {name: torch.tensor(s) for name, s in experts.items()}
+        self.weights = {f"{m}_{n}": float((loss_weights or {}).get(f"{m}_{n}", 1.0))
+                        for m in dims for n in anchor_dims}  # fmt: skip
+        self.val_pairs = [tuple(p) for p in val_pairs]
+        self.recall = nn.ModuleDict({
+            f"{q}_to_{t}": RetrievalRecall()
+            for a, b in self.val_pairs for q, t in ((a, b), (b, a))
+        })  # fmt: skip
+        self.val_loss = MeanMetric()
+
+    def embed(self, emb: dict[str, dict[str, torch.Tensor]], modality: str) -> torch.Tensor:
+        """A batch of `modality` in the omni space: projected if the space covers it, else anchor."""
+        hp = self.hparams
+        if modality in hp.dims:
+            return self.mixture(emb[hp.space][modality])
+        return emb[hp.anchor][modality]
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        hp = self.hparams
+        src, anchor = batch["emb"][hp.space], batch["emb"][hp.anchor]
+        losses = []
+        for expert, (name, starts) in zip(self.mixture.experts, self.starts.items(), strict=True):
+            rows = torch.isin(batch["start"], starts.to(batch["start"].device)).nonzero().squeeze(1)
+            if len(rows) < 2:  # BatchNorm needs two rows; the subset is absent from this batch
+                continue
+            total = weight = 0.0
+            for m in hp.dims:
+                z = expert(src[m][rows])
+                for n in hp.anchor_dims:
+                    w = self.weights[f"{m}_{n}"]
+                    if w:
+                        total = total + w * info_nce(z, anchor[n][rows], hp.temperature)
+                        weight += w
+            loss = total / max(weight, 1e-12)
+            self.log(f"train/loss_{name}", loss, on_step=False, on_epoch=True)
+            losses.append(loss)
+        loss = torch.stack(losses).mean()
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True)
+        return loss
+
+    def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
+        a, b = self.val_pairs[dataloader_idx]
+        ea, eb = self.embed(batch["emb"], a), self.embed(batch["emb"], b)
+        ids = batch["index"]
+        self.recall[f"{a}_to_{b}"].update(ea, ids, ids, eb, ids)
+        self.recall[f"{b}_to_{a}"].update(eb, ids, ids, ea, ids)
+        self.val_loss.update(info_nce(ea, eb, self.hparams.temperature), weight=len(ids))
+
+    def on_validation_epoch_end(self) -> None:
+        r1 = []
+        for direction, metric in self.recall.items():
+            for k, v in metric.compute().items():
+                self.log(f"val/{direction}/{k}", v)
+            r1.append(metric.compute()["R@1"])
+            metric.reset()
+        if r1:
+            self.log("val/mean_R@1", torch.stack(r1).mean(), prog_bar=True)
+        self.log("val/loss", self.val_loss.compute())
+        self.val_loss.reset()
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        opt = torch.optim.AdamW(self.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
+        total = max(int(self.trainer.estimated_stepping_batches), 1)
+        warmup = int(hp.warmup_fraction * total)
+
+        def schedule(step: int) -> float:  # linear warm-up, then cosine decay to zero
+            if step < warmup:
+                return (step + 1) / warmup
+            return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(total - warmup, 1)))
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+def export_bound_space(model: BindModule, directory: str | Path, **extra) -> Path:
+    """Write the projectors (safetensors) and their metadata (JSON, written last)."""
+    directory = Path(directory)
+    hp = model.hparams
+    tensors = {k: v.detach().cpu().contiguous() for k, v in model.mixture.state_dict().items()}
+    tmp = directory / f".{EXPORT_WEIGHTS}.tmp"
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(tmp))
+    atomic_write(directory / EXPORT_WEIGHTS, lambda f: f.write(tmp.read_bytes()))
+    tmp.unlink()
+    meta = dict(space=hp.space, anchor=hp.anchor, dims=dict(hp.dims), out_dim=model.mixture.experts[0].mlp[3].out_features,
+                hidden_dim=hp.hidden_dim, experts=list(hp.experts), renormalize=hp.renormalize, **extra)  # fmt: skip
+    atomic_write_json(directory / EXPORT_META, meta)
+    return directory
+
+
+def load_bound_space(directory: str | Path) -> tuple[ProjectorMixture, dict]:
+    """A bound space's projectors (eval mode) and metadata; every key and shape must match."""
+    import json
+
+    directory = Path(directory)
+    meta_path = directory / EXPORT_META
+    if not meta_path.exists():
+        raise CacheError(f"{directory}: no bound space here ({EXPORT_META} missing)")
+    meta = json.loads(meta_path.read_text())
+    in_dim = next(iter(meta["dims"].values()))
+    mixture = ProjectorMixture(in_dim, meta["out_dim"], meta["hidden_dim"], len(meta["experts"]),
+                               meta["renormalize"])  # fmt: skip
+    try:
+        mixture.load_state_dict(load_file(str(directory / EXPORT_WEIGHTS)), strict=True)
+    except (RuntimeError, OSError) as e:
+        raise CacheError(f"{directory / EXPORT_WEIGHTS}: does not match {EXPORT_META} ({e})") from e
+    return mixture.eval(), meta
+
+
+def run(cfg: DictConfig) -> float:
+    """Train, checkpoint and export the bound space of `cfg.space`; returns the best mean R@1."""
+    space, anchor = cfg.space, cfg.anchor
+    if space.name == anchor.name:
+        raise ValueError(f"space {space.name!r} is the anchor; bind a source space")
+    dims, anchor_dims = dict(space.dims), dict(anchor.dims)
+    if not set(dims) & set(anchor_dims):
+        raise ValueError(
+            f"space {space.name!r} ({sorted(dims)}) shares no modality with the anchor "
+            f"{anchor.name!r} ({sorted(anchor_dims)}), so there is nothing to bind through"
+        )
+    root = ensure_data(cfg, [space.name, anchor.name])
+    experts = expert_starts(cfg.bind.experts, list(dims))
+    val_pairs = retrieval_sides(list(dims), list(anchor_dims))
+    needs = [(space.name, m) for m in dims] + [(anchor.name, m) for m in anchor_dims]
+    expected = {(space.name, m): d for m, d in dims.items()} | {(anchor.name, m): d for m, d in anchor_dims.items()}
+    dm = EmbeddingDataModule(root, tuples_path(cfg, cfg.bind.pairs, root), needs, expected, val_pairs,
+                             batch_size=cfg.bind.batch_size, seed=cfg.seed)  # fmt: skip
+    model = BindModule(
+        space.name, anchor.name, dims, anchor_dims, experts, hidden_dim=cfg.bind.hidden_dim,
+        renormalize=cfg.bind.renormalize, temperature=cfg.loss.temperature,
+        loss_weights=to_plain(cfg.loss.weights), lr=cfg.bind.lr, weight_decay=cfg.bind.weight_decay,
+        warmup_fraction=cfg.bind.warmup_fraction, val_pairs=val_pairs,
+    )  # fmt: skip
+    ckpt = ModelCheckpoint(dirpath=Path(cfg.run_dir) / "checkpoints", filename="best",
+                           monitor="val/mean_R@1", mode="max", save_last=True)  # fmt: skip
+    trainer = make_trainer(cfg, cfg.bind.epochs, [ckpt])
+    trainer.fit(model, dm, ckpt_path=resume_checkpoint(cfg))
+    best = BindModule.load_from_checkpoint(ckpt.best_model_path) if ckpt.best_model_path else model
+    if trainer.is_global_zero:
+        export_bound_space(best, cfg.bind.export_dir, best_val_mean_R1=float(ckpt.best_model_score or 0),
+                           pairs=str(cfg.bind.pairs))  # fmt: skip
+        log.info("bound space %s exported to %s", space.name, cfg.bind.export_dir)
+    return float(ckpt.best_model_score or 0.0)
