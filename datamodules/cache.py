@@ -86,7 +86,9 @@ def read_manifest(directory: str | os.PathLike) -> dict | None:
 def cache_is_complete(directory: str | os.PathLike, fingerprint: str | None = None) -> bool:
     """True when `directory` holds a manifest (with this fingerprint, if one is given)."""
     manifest = read_manifest(directory)
-    return manifest is not None and (fingerprint is None or manifest.get("fingerprint") == fingerprint)
+    return manifest is not None and (
+        fingerprint is None or manifest.get("fingerprint") == fingerprint
+    )
 
 
 class CacheWriter:
@@ -145,15 +147,18 @@ class CacheWriter:
             return
         for path in self.directory.glob(f"{self.prefix}*"):
             path.unlink()
-        for path in self.directory.glob(".*.tmp"):
-            path.unlink()
+        # Only this writer's temp files: another rank may be mid-write in the same directory.
+        for path in self.directory.glob(f".{self.prefix}*.tmp"):
+            path.unlink(missing_ok=True)
 
     def _complete_shards(self, prefix: str = "") -> list[str]:
         return sorted(p.name[: -len(".emb.npy")] for p in self.directory.glob(f"{prefix}*.emb.npy"))
 
     def done_ids(self) -> np.ndarray:
         """Ids of the items in complete shards (those an interrupted run already wrote)."""
-        parts = [np.load(self.directory / f"{s}.ids.npy") for s in self._complete_shards(self.prefix)]
+        parts = [
+            np.load(self.directory / f"{s}.ids.npy") for s in self._complete_shards(self.prefix)
+        ]
         return np.concatenate(parts) if parts else np.zeros(0, np.int64)
 
     def append(self, embeddings: np.ndarray, ids: np.ndarray, **extras: np.ndarray) -> str:
@@ -162,7 +167,8 @@ class CacheWriter:
         rows = len(emb)
         if emb.ndim != 2 or emb.shape[1] != self.meta["dim"]:
             raise CacheError(
-                f"{self.directory}: shard has shape {emb.shape}, expected (rows, {self.meta['dim']})"
+                f"{self.directory}: shard has shape {emb.shape}, "
+                f"expected (rows, {self.meta['dim']})"
             )
         if not np.isfinite(emb).all():
             bad = int(np.flatnonzero(~np.isfinite(emb).all(1))[0])
@@ -238,13 +244,19 @@ class EmbeddingCache:
         if missing:
             raise CacheError(f"{self.directory / MANIFEST}: missing keys {missing}")
         self.manifest = manifest
-        for key, want in (("dim", expect_dim), ("space", expect_space), ("modality", expect_modality)):
+        for key, want in (
+            ("dim", expect_dim),
+            ("space", expect_space),
+            ("modality", expect_modality),
+        ):
             if want is not None and manifest[key] != want:
                 raise CacheError(
                     f"{self.directory / MANIFEST}: {key} is {manifest[key]!r}, expected {want!r}"
                 )
         if manifest["dtype"] not in DTYPES:
-            raise CacheError(f"{self.directory / MANIFEST}: dtype {manifest['dtype']!r} not in {DTYPES}")
+            raise CacheError(
+                f"{self.directory / MANIFEST}: dtype {manifest['dtype']!r} not in {DTYPES}"
+            )
         self.shards: list[np.ndarray] = []
         for shard in manifest["shards"]:
             self.shards.append(self._open_shard(shard, verify))

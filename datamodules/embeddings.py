@@ -22,8 +22,9 @@ from datamodules.tuples import load_tuples
 Needs = Iterable[tuple[str, str]]  # (space, modality) pairs a model reads
 
 
-def load_embeddings(root: str | Path, dataset: str, space: str, modality: str,
-                    expect_dim: int | None = None) -> torch.Tensor:
+def load_embeddings(
+    root: str | Path, dataset: str, space: str, modality: str, expect_dim: int | None = None
+) -> torch.Tensor:
     """A whole cache as a tensor in its stored dtype (float16 stays float16 in memory)."""
     cache = EmbeddingCache(
         cache_dir(root, dataset, space, modality), expect_dim=expect_dim,
@@ -41,9 +42,13 @@ class BatchGather(Dataset):
     columns: extra per-row tensors (n,) returned as they are (start, provenance, labels).
     """
 
-    def __init__(self, arrays: Mapping[tuple[str, str], torch.Tensor],
-                 rows: Mapping[str, torch.Tensor] | None, columns: Mapping[str, torch.Tensor],
-                 length: int) -> None:
+    def __init__(
+        self,
+        arrays: Mapping[tuple[str, str], torch.Tensor],
+        rows: Mapping[str, torch.Tensor] | None,
+        columns: Mapping[str, torch.Tensor],
+        length: int,
+    ) -> None:
         self.arrays, self.rows, self.columns, self.length = arrays, rows, columns, length
 
     def __len__(self) -> int:
@@ -64,8 +69,16 @@ class EpochBatchSampler(Sampler[torch.Tensor]):
     an interrupted run that restarts an epoch sees exactly the same batches again.
     """
 
-    def __init__(self, n: int, batch_size: int, shuffle: bool, drop_last: bool, seed: int = 0,
-                 rank: int = 0, world_size: int = 1) -> None:
+    def __init__(
+        self,
+        n: int,
+        batch_size: int,
+        shuffle: bool,
+        drop_last: bool,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
         if n == 0:
             raise ValueError("cannot sample batches from an empty dataset")
         self.n, self.batch_size, self.shuffle, self.drop_last = n, batch_size, shuffle, drop_last
@@ -97,8 +110,13 @@ class EpochBatchSampler(Sampler[torch.Tensor]):
 
 def _loader(dataset: BatchGather, sampler: EpochBatchSampler, workers: int) -> DataLoader:
     # batch_size=None: the sampler's index tensor is the batch; no default collate runs.
-    return DataLoader(dataset, sampler=sampler, batch_size=None, num_workers=workers,
-                      persistent_workers=workers > 0)
+    return DataLoader(
+        dataset,
+        sampler=sampler,
+        batch_size=None,
+        num_workers=workers,
+        persistent_workers=workers > 0,
+    )
 
 
 class EmbeddingDataModule(L.LightningDataModule):
@@ -106,15 +124,27 @@ class EmbeddingDataModule(L.LightningDataModule):
 
     root: the cache root; tuples: a tuple table whose rows index the `pool` dataset's caches;
     needs: the (space, modality) arrays the model reads; dims: {(space, modality): dim} expected;
-    val_pairs: modality pairs whose `<val_prefix>_<a>_<b>` datasets serve validation.
+    val_pairs: modality pairs whose `<val_prefix>_<a>_<b>` datasets serve validation;
+    roots: per-space cache roots that differ from `root` (e.g. projected caches).
     """
 
-    def __init__(self, root: str | Path, tuples: str | Path, needs: Needs,
-                 dims: Mapping[tuple[str, str], int], val_pairs: Iterable[tuple[str, str]] = (),
-                 batch_size: int = 512, val_batch_size: int = 1024, seed: int = 0,
-                 num_workers: int = 0, val_prefix: str = "val") -> None:
+    def __init__(
+        self,
+        root: str | Path,
+        tuples: str | Path,
+        needs: Needs,
+        dims: Mapping[tuple[str, str], int],
+        val_pairs: Iterable[tuple[str, str]] = (),
+        batch_size: int = 512,
+        val_batch_size: int = 1024,
+        seed: int = 0,
+        num_workers: int = 0,
+        val_prefix: str = "val",
+        roots: Mapping[str, str | Path] | None = None,
+    ) -> None:
         super().__init__()
         self.root, self.tuples = Path(root), Path(tuples)
+        self.roots = {s: Path(r) for s, r in (roots or {}).items()}
         self.needs = sorted(set(needs))
         self.dims = dict(dims)
         self.val_pairs = [tuple(p) for p in val_pairs]
@@ -122,6 +152,9 @@ class EmbeddingDataModule(L.LightningDataModule):
         self.seed, self.num_workers, self.val_prefix = seed, num_workers, val_prefix
         self.train_set: BatchGather | None = None
         self.val_sets: list[BatchGather] = []
+
+    def _root(self, space: str) -> Path:
+        return self.roots.get(space, self.root)
 
     def _rank(self) -> tuple[int, int]:
         trainer = getattr(self, "trainer", None)
@@ -135,7 +168,7 @@ class EmbeddingDataModule(L.LightningDataModule):
     def _tuple_set(self) -> BatchGather:
         table, meta = load_tuples(self.tuples)
         pool = meta["pool"]
-        arrays = {(s, m): load_embeddings(self.root, pool, s, m, self.dims.get((s, m)))
+        arrays = {(s, m): load_embeddings(self._root(s), pool, s, m, self.dims.get((s, m)))
                   for s, m in self.needs}  # fmt: skip
         rows = {}
         for m in sorted({m for _, m in self.needs}):
@@ -155,18 +188,18 @@ class EmbeddingDataModule(L.LightningDataModule):
         """All spaces' caches of one (dataset, modality) must hold the same items in order."""
         for m in MODALITIES:
             spaces = [s for s, mm in arrays if mm == m]
-            ids = [EmbeddingCache(cache_dir(self.root, dataset, s, m)).ids for s in spaces]
-            for s, i in zip(spaces[1:], ids[1:], strict=True):
+            dirs = [cache_dir(self._root(s), dataset, s, m) for s in spaces]
+            ids = [EmbeddingCache(d).ids for d in dirs]
+            for d, i in zip(dirs[1:], ids[1:], strict=True):
                 if len(i) != len(ids[0]) or not np.array_equal(i, ids[0]):
                     raise CacheError(
-                        f"{cache_dir(self.root, dataset, s, m)}: item ids differ from "
-                        f"{cache_dir(self.root, dataset, spaces[0], m)}; caches must be row-aligned"
+                        f"{d}: item ids differ from {dirs[0]}; caches must be row-aligned"
                     )
 
     def _paired_set(self, a: str, b: str) -> BatchGather:
         dataset = f"{self.val_prefix}_{a}_{b}"
         wanted = [(s, m) for s, m in self.needs if m in (a, b)]
-        arrays = {(s, m): load_embeddings(self.root, dataset, s, m, self.dims.get((s, m)))
+        arrays = {(s, m): load_embeddings(self._root(s), dataset, s, m, self.dims.get((s, m)))
                   for s, m in wanted}  # fmt: skip
         lengths = {len(x) for x in arrays.values()}
         if len(lengths) != 1:
@@ -175,13 +208,22 @@ class EmbeddingDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         rank, world = self._rank()
-        sampler = EpochBatchSampler(len(self.train_set), self.batch_size, shuffle=True,
-                                    drop_last=True, seed=self.seed, rank=rank, world_size=world)
+        sampler = EpochBatchSampler(
+            len(self.train_set),
+            self.batch_size,
+            shuffle=True,
+            drop_last=True,
+            seed=self.seed,
+            rank=rank,
+            world_size=world,
+        )
         return _loader(self.train_set, sampler, self.num_workers)
 
     def val_dataloader(self) -> list[DataLoader]:
         rank, world = self._rank()
         return [
-            _loader(s, EpochBatchSampler(len(s), self.val_batch_size, False, False, 0, rank, world), 0)
+            _loader(
+                s, EpochBatchSampler(len(s), self.val_batch_size, False, False, 0, rank, world), 0
+            )
             for s in self.val_sets
         ]

@@ -47,7 +47,9 @@ def load_tuples(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict]:
     """Read a tuple table; returns (columns, meta). Fails naming the file and the problem."""
     path = Path(path)
     if not path.exists():
-        raise CacheError(f"{path}: no such tuple table (run the pair stage, or use bind.pairs=oracle)")
+        raise CacheError(
+            f"{path}: no such tuple table (run the pair stage, or use bind.pairs=oracle)"
+        )
     try:
         with np.load(path) as z:
             data = {k: z[k] for k in z.files}

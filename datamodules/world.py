@@ -56,7 +56,9 @@ IMAGE_VIEWS = ("photo", "render")
 
 def _key(*parts: object) -> int:
     """A stable 63-bit integer from strings/ints, for seeding numpy generators."""
-    return int.from_bytes(hashlib.sha256("/".join(map(str, parts)).encode()).digest()[:8], "big") >> 1
+    return (
+        int.from_bytes(hashlib.sha256("/".join(map(str, parts)).encode()).digest()[:8], "big") >> 1
+    )
 
 
 def _rng(seed: int, *parts: object) -> np.random.Generator:
@@ -87,11 +89,14 @@ class World:
         style = _rng(self.seed, "style").standard_normal((len(VIEWS), STYLE))
         style *= float(cfg["style_norm"]) / np.linalg.norm(style, axis=1, keepdims=True)
         self.style = {v: style[i].astype(np.float32) for i, v in enumerate(VIEWS)}
+        self._weights: dict[str, tuple] = {}  # drawing a space's encoder costs more than using it
 
     def _check_space(self, name: str, space: Mapping) -> dict:
         world = space.get("world")
         if world is None:
-            raise ValueError(f"space {name!r} has no `world` block, so the synthetic world cannot simulate it")
+            raise ValueError(
+                f"space {name!r} has no `world` block, so the synthetic world cannot simulate it"
+            )
         for m in space["dims"]:
             if m not in world["attend"] or m not in world["noise"]:
                 raise ValueError(f"space {name!r}: world.attend/noise lack modality {m!r}")
@@ -106,16 +111,21 @@ class World:
 
     def encoder_weights(self, name: str) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
         """W1 (80, 2d), W2 (2d, d) and per-modality offsets of space `name` (fixed by the seed)."""
+        if name in self._weights:
+            return self._weights[name]
         space = self.spaces[name]
         dims = set(space["dims"].values())
         if len(dims) != 1:
-            raise ValueError(f"space {name!r}: the world needs one dim for all modalities, got {dims}")
+            raise ValueError(
+                f"space {name!r}: the world needs one dim for all modalities, got {dims}"
+            )
         d = dims.pop()
         h, din = 2 * d, LATENT + STYLE
         r = _rng(self.seed, "encoder", name)
         w1 = (r.standard_normal((din, h)) / np.sqrt(din)).astype(np.float32)
         w2 = (r.standard_normal((h, d)) / np.sqrt(h)).astype(np.float32)
         off = {m: (0.2 * r.standard_normal(d)).astype(np.float32) for m in MODALITIES}
+        self._weights[name] = (w1, w2, off)
         return w1, w2, off
 
     def instances(self, concepts: np.ndarray, r: np.random.Generator) -> np.ndarray:
@@ -125,8 +135,13 @@ class World:
             z = z.sum(1) / np.sqrt(z.shape[1])
         return z + float(self.cfg["instance_noise"]) * r.standard_normal(z.shape, np.float32)
 
-    def observe(self, latents: np.ndarray, views: np.ndarray, r: np.random.Generator,
-                style_shift: np.ndarray | None = None) -> np.ndarray:
+    def observe(
+        self,
+        latents: np.ndarray,
+        views: np.ndarray,
+        r: np.random.Generator,
+        style_shift: np.ndarray | None = None,
+    ) -> np.ndarray:
         """Observations (n, 80) of latents through their views."""
         gains = np.stack([np.repeat(np.asarray(VIEW_GAIN[v], np.float32), BLOCK) for v in VIEWS])
         vidx = np.array([VIEWS.index(v) for v in views])
@@ -139,19 +154,31 @@ class World:
             style = style + style_shift
         return np.concatenate([x, style], 1).astype(np.float32)
 
-    def encode(self, name: str, modality: str, x: np.ndarray, views: np.ndarray,
-               r: np.random.Generator, chunk: int = 8192) -> np.ndarray:
+    def encode(
+        self,
+        name: str,
+        modality: str,
+        x: np.ndarray,
+        views: np.ndarray,
+        r: np.random.Generator,
+        chunk: int = 8192,
+    ) -> np.ndarray:
         """L2-normalised embeddings (n, d) of observations x in space `name`."""
         space = self.spaces[name]
         w1, w2, off = self.encoder_weights(name)
         gain = np.concatenate(
-            [np.repeat(np.asarray(space["attend"][modality], np.float32), BLOCK), np.ones(STYLE, np.float32)]
+            [
+                np.repeat(np.asarray(space["attend"][modality], np.float32), BLOCK),
+                np.ones(STYLE, np.float32),
+            ]
         )
         noise = space["noise"][modality]
         try:
             sigma = np.array([noise[_view_key(modality, v)] for v in views], np.float32)[:, None]
         except KeyError as e:
-            raise ValueError(f"space {name!r}: world.noise.{modality} has no entry for view {e}") from e
+            raise ValueError(
+                f"space {name!r}: world.noise.{modality} has no entry for view {e}"
+            ) from e
         out = np.empty((len(x), w2.shape[1]), np.float32)
         for i in range(0, len(x), chunk):
             xt = gain * x[i : i + chunk] + sigma[i : i + chunk] * r.standard_normal(
@@ -245,7 +272,11 @@ def _zeroshot(world: World, modality: str, multilabel: bool = False) -> dict[str
     tmpl = np.tile(np.arange(n_templates), len(classes))
     tviews = np.array([_partner_view("text", modality)] * len(cls))
     tx = world.observe(world.concepts[classes[cls]], tviews, r, style_shift=shifts[tmpl])
-    prompts = dict(x=tx, views=tviews, extras={"labels": cls.astype(np.int64), "template": tmpl.astype(np.int64)})
+    prompts = dict(
+        x=tx,
+        views=tviews,
+        extras={"labels": cls.astype(np.int64), "template": tmpl.astype(np.int64)},
+    )
     return {modality: items, "text": prompts}
 
 
@@ -355,9 +386,13 @@ def _write_oracle_tuples(cfg: Mapping, root: Path) -> None:
 
 
 def _write_benchmarks(root: Path) -> None:
-    """The benchmark manifests (val and test) that the evaluate stage and validation read."""
+    """The benchmark manifests (val and test) that the evaluate stage and validation read.
+
+    The format is documented in lightning_modules/evaluate.py.
+    """
     for split in ("val", "test"):
         spec = dict(
+            name=f"world-{split}",
             root=".",
             retrieval=[
                 dict(name=f"world_{a}_{b}", dataset=f"{split}_{a}_{b}", modalities=[a, b])
@@ -370,8 +405,12 @@ def _write_benchmarks(root: Path) -> None:
                     dict(name=f"world_{m}", dataset=f"zs_{m}", modality=m, multilabel=False)
                     for m in ("point", "audio", "image")
                 ),
-                dict(name="world_audio_multilabel", dataset="zs_audio_multilabel",
-                     modality="audio", multilabel=True),
+                dict(
+                    name="world_audio_multilabel",
+                    dataset="zs_audio_multilabel",
+                    modality="audio",
+                    multilabel=True,
+                ),
             ],
         )
         atomic_write_json(root / f"benchmarks_{split}.json", spec)

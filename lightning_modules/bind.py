@@ -13,11 +13,12 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 from torchmetrics import MeanMetric
 
-from datamodules.cache import CacheError, atomic_write, atomic_write_json
+from datamodules.cache import CacheError, atomic_write, atomic_write_json, sha256_file
 from datamodules.embeddings import EmbeddingDataModule
 from datamodules.modalities import LETTERS, MODALITIES, PAIRS
 from lightning_modules.common import (
@@ -42,7 +43,9 @@ def expert_starts(experts: str | list[str], modalities: list[str]) -> dict[str, 
     `freebind` is FreeBind's set restricted to subsets whose modalities the space covers.
     """
     if experts == "freebind":
-        names = [e for e in FREEBIND_EXPERTS if e == "mix" or all(LETTERS[c] in modalities for c in e)]
+        names = [
+            e for e in FREEBIND_EXPERTS if e == "mix" or all(LETTERS[c] in modalities for c in e)
+        ]
     else:
         names = list(experts)
     out = {}
@@ -52,7 +55,9 @@ def expert_starts(experts: str | list[str], modalities: list[str]) -> dict[str, 
             continue
         bad = [c for c in name if c not in LETTERS]
         if bad:
-            raise ValueError(f"bind.experts: {name!r} has unknown letters {bad}; use mix or {list(LETTERS)}")
+            raise ValueError(
+                f"bind.experts: {name!r} has unknown letters {bad}; use mix or {list(LETTERS)}"
+            )
         out[name] = [MODALITIES.index(LETTERS[c]) for c in name]
     if not out:
         raise ValueError("bind.experts is empty")
@@ -63,38 +68,63 @@ def retrieval_sides(space_mods: list[str], anchor_mods: list[str]) -> list[tuple
     """Modality pairs to validate: each side is embedded by the space if it covers it, else by
     the anchor; pairs that the anchor alone would embed are left out."""
     union = set(space_mods) | set(anchor_mods)
-    return [(a, b) for a, b in PAIRS if a in union and b in union and (a in space_mods or b in space_mods)]
+    return [
+        (a, b)
+        for a, b in PAIRS
+        if a in union and b in union and (a in space_mods or b in space_mods)
+    ]
 
 
 class BindModule(L.LightningModule):
     """Projectors of one space, trained with Eq. 1 against the anchor's embeddings."""
 
-    def __init__(self, space: str, anchor: str, dims: dict[str, int], anchor_dims: dict[str, int],
-                 experts: dict[str, list[int]], hidden_dim: int = 2048, renormalize: bool = False,
-                 temperature: float = 0.03, loss_weights: dict[str, float] | None = None,
-                 lr: float = 1e-3, weight_decay: float = 0.0, warmup_fraction: float = 0.05,
-                 val_pairs: list[tuple[str, str]] = ()) -> None:
+    def __init__(
+        self,
+        space: str,
+        anchor: str,
+        dims: dict[str, int],
+        anchor_dims: dict[str, int],
+        experts: dict[str, list[int]],
+        hidden_dim: int = 2048,
+        renormalize: bool = False,
+        temperature: float = 0.03,
+        loss_weights: dict[str, float] | None = None,
+        lr: float = 1e-3,
+        weight_decay: float = 0.0,
+        warmup_fraction: float = 0.05,
+        val_pairs: list[tuple[str, str]] = (),
+    ) -> None:
         super().__init__()
         self.save_hyperparameters()
         in_dims = set(dims.values())
         if len(in_dims) != 1:
-            raise ValueError(f"space {space!r}: one projector serves all modalities, but dims differ: {dims}")
+            raise ValueError(
+                f"space {space!r}: one projector serves all modalities, but dims differ: {dims}"
+            )
         out_dims = set(anchor_dims.values())
         if len(out_dims) != 1:
             raise ValueError(f"anchor {anchor!r}: modalities must share one dim, got {anchor_dims}")
-        self.mixture = ProjectorMixture(in_dims.pop(), out_dims.pop(), hidden_dim, len(experts), renormalize)
+        self.mixture = ProjectorMixture(
+            in_dims.pop(), out_dims.pop(), hidden_dim, len(experts), renormalize
+        )
         self.starts = {name: torch.tensor(s) for name, s in experts.items()}
-        self.weights = {f"{m}_{n}": float((loss_weights or {}).get(f"{m}_{n}", 1.0))
-                        for m in dims for n in anchor_dims}  # fmt: skip
+        self.weights = {
+            f"{m}_{n}": float((loss_weights or {}).get(f"{m}_{n}", 1.0))
+            for m in dims
+            for n in anchor_dims
+        }
         self.val_pairs = [tuple(p) for p in val_pairs]
-        self.recall = nn.ModuleDict({
-            f"{q}_to_{t}": RetrievalRecall()
-            for a, b in self.val_pairs for q, t in ((a, b), (b, a))
-        })  # fmt: skip
+        self.recall = nn.ModuleDict(
+            {
+                f"{q}_to_{t}": RetrievalRecall()
+                for a, b in self.val_pairs
+                for q, t in ((a, b), (b, a))
+            }
+        )
         self.val_loss = MeanMetric()
 
     def embed(self, emb: dict[str, dict[str, torch.Tensor]], modality: str) -> torch.Tensor:
-        """A batch of `modality` in the omni space: projected if the space covers it, else anchor."""
+        """A batch of `modality` in the omni space: projected if the space has it, else anchor."""
         hp = self.hparams
         if modality in hp.dims:
             return self.mixture(emb[hp.space][modality])
@@ -168,8 +198,17 @@ def export_bound_space(model: BindModule, directory: str | Path, **extra) -> Pat
     save_file(tensors, str(tmp))
     atomic_write(directory / EXPORT_WEIGHTS, lambda f: f.write(tmp.read_bytes()))
     tmp.unlink()
-    meta = dict(space=hp.space, anchor=hp.anchor, dims=dict(hp.dims), out_dim=model.mixture.experts[0].mlp[3].out_features,
-                hidden_dim=hp.hidden_dim, experts=list(hp.experts), renormalize=hp.renormalize, **extra)  # fmt: skip
+    meta = dict(
+        space=hp.space,
+        anchor=hp.anchor,
+        dims=dict(hp.dims),
+        out_dim=model.mixture.out_dim,
+        hidden_dim=hp.hidden_dim,
+        experts=list(hp.experts),
+        renormalize=hp.renormalize,
+        sha256=sha256_file(directory / EXPORT_WEIGHTS),
+        **extra,
+    )
     atomic_write_json(directory / EXPORT_META, meta)
     return directory
 
@@ -182,13 +221,20 @@ def load_bound_space(directory: str | Path) -> tuple[ProjectorMixture, dict]:
     meta_path = directory / EXPORT_META
     if not meta_path.exists():
         raise CacheError(f"{directory}: no bound space here ({EXPORT_META} missing)")
-    meta = json.loads(meta_path.read_text())
-    in_dim = next(iter(meta["dims"].values()))
-    mixture = ProjectorMixture(in_dim, meta["out_dim"], meta["hidden_dim"], len(meta["experts"]),
-                               meta["renormalize"])  # fmt: skip
     try:
-        mixture.load_state_dict(load_file(str(directory / EXPORT_WEIGHTS)), strict=True)
-    except (RuntimeError, OSError) as e:
+        meta = json.loads(meta_path.read_text())
+        in_dim = next(iter(meta["dims"].values()))
+        mixture = ProjectorMixture(
+            in_dim, meta["out_dim"], meta["hidden_dim"], len(meta["experts"]), meta["renormalize"]
+        )
+    except (ValueError, KeyError, TypeError, StopIteration, AttributeError) as e:
+        raise CacheError(f"{meta_path}: not a valid bound-space description ({e!r})") from e
+    weights = directory / EXPORT_WEIGHTS
+    if "sha256" in meta and weights.exists() and sha256_file(weights) != meta["sha256"]:
+        raise CacheError(f"{weights}: sha256 does not match {EXPORT_META} (corrupt or replaced)")
+    try:
+        mixture.load_state_dict(load_file(str(weights)), strict=True)
+    except (RuntimeError, OSError, SafetensorError) as e:
         raise CacheError(f"{directory / EXPORT_WEIGHTS}: does not match {EXPORT_META} ({e})") from e
     return mixture.eval(), meta
 
@@ -208,22 +254,49 @@ def run(cfg: DictConfig) -> float:
     experts = expert_starts(cfg.bind.experts, list(dims))
     val_pairs = retrieval_sides(list(dims), list(anchor_dims))
     needs = [(space.name, m) for m in dims] + [(anchor.name, m) for m in anchor_dims]
-    expected = {(space.name, m): d for m, d in dims.items()} | {(anchor.name, m): d for m, d in anchor_dims.items()}
-    dm = EmbeddingDataModule(root, tuples_path(cfg, cfg.bind.pairs, root), needs, expected, val_pairs,
-                             batch_size=cfg.bind.batch_size, seed=cfg.seed)  # fmt: skip
+    expected = {(space.name, m): d for m, d in dims.items()} | {
+        (anchor.name, m): d for m, d in anchor_dims.items()
+    }
+    dm = EmbeddingDataModule(
+        root,
+        tuples_path(cfg, cfg.bind.pairs, root),
+        needs,
+        expected,
+        val_pairs,
+        batch_size=cfg.bind.batch_size,
+        seed=cfg.seed,
+    )
     model = BindModule(
-        space.name, anchor.name, dims, anchor_dims, experts, hidden_dim=cfg.bind.hidden_dim,
-        renormalize=cfg.bind.renormalize, temperature=cfg.loss.temperature,
-        loss_weights=to_plain(cfg.loss.weights), lr=cfg.bind.lr, weight_decay=cfg.bind.weight_decay,
-        warmup_fraction=cfg.bind.warmup_fraction, val_pairs=val_pairs,
-    )  # fmt: skip
-    ckpt = ModelCheckpoint(dirpath=Path(cfg.run_dir) / "checkpoints", filename="best",
-                           monitor="val/mean_R@1", mode="max", save_last=True)  # fmt: skip
+        space.name,
+        anchor.name,
+        dims,
+        anchor_dims,
+        experts,
+        hidden_dim=cfg.bind.hidden_dim,
+        renormalize=cfg.bind.renormalize,
+        temperature=cfg.loss.temperature,
+        loss_weights=to_plain(cfg.loss.weights),
+        lr=cfg.bind.lr,
+        weight_decay=cfg.bind.weight_decay,
+        warmup_fraction=cfg.bind.warmup_fraction,
+        val_pairs=val_pairs,
+    )
+    ckpt = ModelCheckpoint(
+        dirpath=Path(cfg.run_dir) / "checkpoints",
+        filename="best",
+        monitor="val/mean_R@1",
+        mode="max",
+        save_last=True,
+    )
     trainer = make_trainer(cfg, cfg.bind.epochs, [ckpt])
     trainer.fit(model, dm, ckpt_path=resume_checkpoint(cfg))
     best = BindModule.load_from_checkpoint(ckpt.best_model_path) if ckpt.best_model_path else model
     if trainer.is_global_zero:
-        export_bound_space(best, cfg.bind.export_dir, best_val_mean_R1=float(ckpt.best_model_score or 0),
-                           pairs=str(cfg.bind.pairs))  # fmt: skip
+        export_bound_space(
+            best,
+            cfg.bind.export_dir,
+            best_val_mean_R1=float(ckpt.best_model_score or 0),
+            pairs=str(cfg.bind.pairs),
+        )
         log.info("bound space %s exported to %s", space.name, cfg.bind.export_dir)
     return float(ckpt.best_model_score or 0.0)

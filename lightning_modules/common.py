@@ -48,7 +48,9 @@ def tuples_path(cfg: DictConfig, which: str, root: Path) -> Path:
     """The tuple table that bind or route trains on: oracle, pseudo, or an explicit path."""
     if which == "oracle":
         if cfg.data.kind != "synthetic":
-            raise ValueError("pairs=oracle needs the synthetic world (data=world); real data has no oracle")
+            raise ValueError(
+                "pairs=oracle needs the synthetic world (data=world); real data has no oracle"
+            )
         return root / "tuples" / "oracle.npz"
     if which == "pseudo":
         return Path(cfg.pair.output)

@@ -35,11 +35,18 @@ class Projector(nn.Module):
 class ProjectorMixture(nn.Module):
     """The experts of one source space; all of the space's modalities share them."""
 
-    def __init__(self, in_dim: int, out_dim: int, hidden_dim: int, n_experts: int,
-                 renormalize: bool = False) -> None:
+    def __init__(
+        self, in_dim: int, out_dim: int, hidden_dim: int, n_experts: int, renormalize: bool = False
+    ) -> None:
         super().__init__()
-        self.experts = nn.ModuleList(Projector(in_dim, out_dim, hidden_dim) for _ in range(n_experts))
+        self.experts = nn.ModuleList(
+            Projector(in_dim, out_dim, hidden_dim) for _ in range(n_experts)
+        )
         self.renormalize = renormalize
+
+    @property
+    def out_dim(self) -> int:
+        return self.experts[0].mlp[3].out_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (batch, in_dim) -> the mean of the experts' normalised outputs (batch, out_dim).

@@ -1,0 +1,168 @@
+"""The omni model: frozen projectors of every bound space plus one router per modality.
+
+omni(x)_m = normalize(sum_g w_g(x) * P_g(x)), with P_g the group's projected embedding (the mean of
+its experts) and w = softmax(scale_m * router_m(predictor input)) (paper Eq. 3-4).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from datamodules.cache import CacheError, EmbeddingCache, atomic_write, atomic_write_json, cache_dir
+from datamodules.modalities import MODALITIES, PROVENANCES
+from lightning_modules.models import ProjectorMixture, Router
+
+EXPORT_WEIGHTS, EXPORT_META = "omni.safetensors", "omni.json"
+WEIGHTINGS = ("routed", "average")
+
+
+class FixedWeights(nn.Module):
+    """Input-independent group weights with the router's parametrisation: sigmoid(theta)."""
+
+    def __init__(self, in_dim: int, n_groups: int) -> None:
+        super().__init__()
+        self.theta = nn.Parameter(torch.zeros(n_groups))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (batch, in_dim), only its batch size is used -> (batch, n_groups) in (0, 1)."""
+        return torch.sigmoid(self.theta).expand(len(x), -1)
+
+
+def make_routers(kind: str, in_dims: dict[str, int], groups: dict[str, list[str]]) -> nn.ModuleDict:
+    """One router per modality: `routed` (input-dependent MLP) or `fixed` (learned constants)."""
+    if kind not in ("routed", "fixed"):
+        raise ValueError(f"route.kind is {kind!r}; expected 'routed' or 'fixed'")
+    cls = Router if kind == "routed" else FixedWeights
+    return nn.ModuleDict({m: cls(in_dims[m], len(g)) for m, g in groups.items()})
+
+
+def specialty_labels(provenance: torch.Tensor, specialties: list[str]) -> torch.Tensor:
+    """L_dec targets (batch, groups): 1 where the text's provenance is the group's specialty."""
+    spec = torch.tensor([PROVENANCES.index(s) if s in PROVENANCES else -1 for s in specialties],
+                        device=provenance.device)  # fmt: skip
+    return (provenance[:, None] == spec[None, :]).float()
+
+
+def combine(projected: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """projected (batch, groups, dim), weights (batch, groups) -> normalised (batch, dim)."""
+    return F.normalize((projected * weights.unsqueeze(-1)).sum(1), dim=-1)
+
+
+class OmniModel(nn.Module):
+    """Projectors (frozen) and routers of one variant, loaded from the route stage's export.
+
+    meta: groups {modality: [space, ...]}, predictors {modality: [space, ...]}, scales {modality},
+    anchor (its group needs no projector), spaces {space: bound-space metadata}.
+    """
+
+    def __init__(self, meta: dict, kind: str = "routed") -> None:
+        super().__init__()
+        self.meta = meta
+        self.projectors = nn.ModuleDict({
+            name: ProjectorMixture(next(iter(b["dims"].values())), b["out_dim"], b["hidden_dim"],
+                                   len(b["experts"]), b["renormalize"])
+            for name, b in meta["spaces"].items()
+        })  # fmt: skip
+        self.routers = make_routers(kind, meta["predictor_dims"], meta["groups"])
+
+    @classmethod
+    def load(cls, directory: str | Path) -> OmniModel:
+        """Load an export strictly: every key consumed, every shape checked."""
+        directory = Path(directory)
+        meta_path = directory / EXPORT_META
+        if not meta_path.exists():
+            raise CacheError(f"{directory}: no omni export here ({EXPORT_META} missing)")
+        meta = json.loads(meta_path.read_text())
+        model = cls(meta, meta.get("kind", "routed"))
+        try:
+            model.load_state_dict(load_file(str(directory / EXPORT_WEIGHTS)), strict=True)
+        except (RuntimeError, OSError) as e:
+            raise CacheError(
+                f"{directory / EXPORT_WEIGHTS}: does not match {EXPORT_META} ({e})"
+            ) from e
+        return model.eval()
+
+    def save(self, directory: str | Path) -> Path:
+        """Weights (safetensors) then metadata (JSON), each written atomically."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        tensors = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
+        tmp = directory / f".{EXPORT_WEIGHTS}.partial"
+        save_file(tensors, str(tmp))
+        atomic_write(directory / EXPORT_WEIGHTS, lambda f: f.write(tmp.read_bytes()))
+        tmp.unlink()
+        atomic_write_json(directory / EXPORT_META, self.meta)
+        return directory
+
+    def project(self, modality: str, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """inputs {space: (batch, dim_space)} -> projected groups (batch, groups, omni_dim)."""
+        out = []
+        for space in self.meta["groups"][modality]:
+            x = inputs[space].float()
+            out.append(x if space == self.meta["anchor"] else self.projectors[space](x))
+        return torch.stack(out, 1)
+
+    def weights(
+        self, modality: str, inputs: dict[str, torch.Tensor], weighting: str = "routed"
+    ) -> torch.Tensor:
+        """Group weights (batch, groups): the router's, or uniform for `average`."""
+        groups = self.meta["groups"][modality]
+        n = len(next(iter(inputs.values())))
+        if weighting == "average":
+            return torch.full((n, len(groups)), 1.0 / len(groups))
+        x = torch.cat([inputs[p].float() for p in self.meta["predictors"][modality]], 1)
+        return torch.softmax(self.meta["scales"][modality] * self.routers[modality](x), -1)
+
+    @torch.no_grad()
+    def embed_spaces(
+        self, modality: str, inputs: dict[str, torch.Tensor], weighting: str = "routed"
+    ) -> torch.Tensor:
+        """Omni embeddings (batch, omni_dim) from per-space embeddings of one modality."""
+        return combine(self.project(modality, inputs), self.weights(modality, inputs, weighting))
+
+    def needed_spaces(self, modality: str) -> list[str]:
+        """Spaces whose caches `embed` reads for this modality (groups and predictors)."""
+        return list(
+            dict.fromkeys(self.meta["groups"][modality] + self.meta["predictors"][modality])
+        )
+
+    @torch.no_grad()
+    def embed(
+        self,
+        root: str | Path,
+        dataset: str,
+        modality: str,
+        weighting: str = "routed",
+        chunk: int = 8192,
+    ) -> torch.Tensor:
+        """Omni embeddings (n, omni_dim) of a cached dataset, computed in chunks."""
+        if modality not in self.meta["groups"]:
+            raise ValueError(
+                f"the omni model has no groups for {modality!r}; it has {list(self.meta['groups'])}"
+            )
+        caches = {
+            s: EmbeddingCache(cache_dir(root, dataset, s, modality))
+            for s in self.needed_spaces(modality)
+        }
+        n = {c.count for c in caches.values()}
+        if len(n) != 1:
+            raise CacheError(
+                f"{Path(root) / dataset}: caches of {modality} disagree on row count {n}"
+            )
+        loaded = {s: torch.from_numpy(c.load()) for s, c in caches.items()}
+        parts = [
+            self.embed_spaces(modality, {s: x[i : i + chunk] for s, x in loaded.items()}, weighting)
+            for i in range(0, n.pop(), chunk)
+        ]
+        return torch.cat(parts)
+
+
+def modalities_of(meta: dict) -> list[str]:
+    """The modalities an omni model embeds, in MODALITIES order."""
+    return [m for m in MODALITIES if m in meta["groups"]]

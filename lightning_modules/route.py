@@ -1,0 +1,360 @@
+"""Route stage: learn per-input weights over the bound spaces (paper §3.2, Eq. 3-7).
+
+`python train.py stage=route variant=base`. The projectors are frozen, so each bound space's
+projections of the cached rows are computed once into "projected caches" and training reads
+them like any other cache: only the routers train.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from pathlib import Path
+
+import lightning as L
+import matplotlib
+import numpy as np
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from omegaconf import DictConfig
+from torch import nn
+from torchmetrics import MeanMetric
+
+from datamodules.cache import CacheError, CacheWriter, EmbeddingCache, cache_dir, read_manifest
+from datamodules.embeddings import EmbeddingDataModule
+from datamodules.modalities import MODALITIES, PAIRS, PROVENANCES
+from lightning_modules.bind import EXPORT_WEIGHTS, load_bound_space
+from lightning_modules.common import (
+    ensure_data,
+    make_trainer,
+    resume_checkpoint,
+    space_configs,
+    to_plain,
+    tuples_path,
+)
+from lightning_modules.losses import alignment_loss, decoupling_loss, info_nce
+from lightning_modules.metrics import RetrievalRecall
+from lightning_modules.omni import OmniModel, combine, make_routers, specialty_labels
+
+matplotlib.use("Agg")
+log = logging.getLogger(__name__)
+PROJECTED = "@omni"  # suffix of a projected cache's space name
+
+
+def variant_layout(cfg: DictConfig) -> dict:
+    """Groups, predictors, dims and specialties of the variant, from the space configs."""
+    names = list(cfg.variant.spaces)
+    anchor = cfg.anchor
+    spaces = space_configs(
+        dict.fromkeys(names + [p for ps in cfg.variant.predictors.values() for p in ps])
+    )
+    groups = {}
+    for m in MODALITIES:
+        g = [s for s in names if m in spaces[s].dims]
+        if cfg.variant.include_anchor and m in anchor.dims:
+            g.append(anchor.name)
+        if g:
+            groups[m] = g
+    predictors, predictor_dims = {}, {}
+    for m in groups:
+        preds = list(cfg.variant.predictors.get(m, []))
+        if not preds:
+            raise ValueError(
+                f"variant {cfg.variant.name!r}: no predictors for {m!r} (variant.predictors.{m})"
+            )
+        for p in preds:
+            if m not in spaces[p].dims:
+                raise ValueError(f"variant {cfg.variant.name!r}: predictor {p!r} has no {m} side")
+        predictors[m] = preds
+        predictor_dims[m] = sum(int(spaces[p].dims[m]) for p in preds)
+    specialty = {s: spaces[s].text_specialty for s in names} | {anchor.name: anchor.text_specialty}
+    return dict(
+        spaces=spaces,
+        groups=groups,
+        predictors=predictors,
+        predictor_dims=predictor_dims,
+        specialty=specialty,
+        anchor=anchor.name,
+    )
+
+
+def load_bound(cfg: DictConfig, names: list[str]) -> dict[str, tuple]:
+    """Each space's bound projectors; a missing one names the command that binds it."""
+    out = {}
+    for name in names:
+        directory = Path(cfg.route.bound_dir) / name
+        try:
+            out[name] = load_bound_space(directory)
+        except CacheError as e:
+            raise CacheError(
+                f"space {name!r} of variant {cfg.variant.name!r} was never bound ({e}); bind it:"
+                f" python train.py stage=bind space={name} paths.output_dir={cfg.paths.output_dir}"
+            ) from e
+    return out
+
+
+@torch.no_grad()
+def ensure_projected(
+    root: Path,
+    proj_root: Path,
+    bound: dict,
+    bound_dir: Path,
+    dataset: str,
+    modality: str,
+    dtype: str = "float16",
+) -> None:
+    """Write each bound space's projections of (dataset, modality) unless they are current."""
+    for name, (mixture, _) in bound.items():
+        src = cache_dir(root, dataset, name, modality)
+        if not src.exists():
+            continue
+        source = EmbeddingCache(src)
+        weights = hashlib.sha256((bound_dir / name / EXPORT_WEIGHTS).read_bytes()).hexdigest()[:16]
+        fp = f"{weights}-{source.fingerprint}"
+        out = cache_dir(proj_root, dataset, name + PROJECTED, modality)
+        manifest = read_manifest(out) if out.exists() else None
+        if manifest is not None and manifest.get("fingerprint") == fp:
+            continue
+        writer = CacheWriter(
+            out,
+            space=name + PROJECTED,
+            modality=modality,
+            dim=mixture.out_dim,
+            dtype=dtype,
+            fingerprint=fp,
+            overwrite=True,
+        )
+        for start, chunk in source.iter_chunks(65536):
+            z = mixture(torch.from_numpy(chunk)).numpy()
+            extras = {
+                k: source.extra(k)[start : start + len(z)]
+                for k in source.manifest.get("extras", [])
+            }
+            writer.append(z, source.ids[start : start + len(z)], **extras)
+        writer.close(dataset=dataset, source=str(src))
+
+
+class RouteModule(L.LightningModule):
+    """Routers over frozen projected groups, trained with L_align + lambda * L_dec (Eq. 5-7)."""
+
+    def __init__(
+        self,
+        groups: dict[str, list[str]],
+        predictors: dict[str, list[str]],
+        predictor_dims: dict[str, int],
+        specialty: dict[str, str],
+        anchor: str,
+        kind: str = "routed",
+        scales: dict[str, float] | None = None,
+        temperature: float = 0.03,
+        align: float = 1.0,
+        lambda_dec: float = 3.0,
+        lr: float = 1e-3,
+        weight_decay: float = 0.0,
+        val_pairs: list[tuple[str, str]] = (),
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.routers = make_routers(kind, predictor_dims, groups)
+        self.scales = {m: float((scales or {}).get(m, 1.0)) for m in groups}
+        self.val_pairs = [tuple(p) for p in val_pairs]
+        self.recall = nn.ModuleDict(
+            {
+                f"{q}_to_{t}": RetrievalRecall()
+                for a, b in self.val_pairs
+                for q, t in ((a, b), (b, a))
+            }
+        )
+        self.val_loss = MeanMetric()
+        self._weights: dict[str, list[torch.Tensor]] = {}
+
+    def group_key(self, space: str) -> str:
+        return space if space == self.hparams.anchor else space + PROJECTED
+
+    def sigmoid(self, emb: dict, m: str) -> torch.Tensor:
+        x = torch.cat([emb[p][m] for p in self.hparams.predictors[m]], 1)
+        return self.routers[m](x)
+
+    def omni(
+        self, emb: dict, m: str, sigmoid: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(omni embeddings (batch, dim), group weights (batch, groups)) of modality m."""
+        sigmoid = self.sigmoid(emb, m) if sigmoid is None else sigmoid
+        weights = torch.softmax(self.scales[m] * sigmoid, -1)
+        projected = torch.stack([emb[self.group_key(g)][m] for g in self.hparams.groups[m]], 1)
+        return combine(projected, weights), weights
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        hp = self.hparams
+        emb = batch["emb"]
+        out, text_sigmoid = {}, None
+        for m in hp.groups:
+            s = self.sigmoid(emb, m)
+            out[m] = self.omni(emb, m, s)[0]
+            if m == "text":
+                text_sigmoid = s
+        loss = hp.align * alignment_loss(out, hp.temperature)
+        self.log("train/loss_align", loss, on_step=False, on_epoch=True)
+        if hp.lambda_dec and text_sigmoid is not None:
+            labels = specialty_labels(
+                batch["provenance"], [hp.specialty[g] for g in hp.groups["text"]]
+            )
+            dec = decoupling_loss(text_sigmoid, labels)
+            self.log("train/loss_dec", dec, on_step=False, on_epoch=True)
+            loss = loss + hp.lambda_dec * dec
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True)
+        return loss
+
+    def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
+        a, b = self.val_pairs[dataloader_idx]
+        (ea, wa), (eb, wb) = self.omni(batch["emb"], a), self.omni(batch["emb"], b)
+        ids = batch["index"]
+        self.recall[f"{a}_to_{b}"].update(ea, ids, ids, eb, ids)
+        self.recall[f"{b}_to_{a}"].update(eb, ids, ids, ea, ids)
+        self.val_loss.update(info_nce(ea, eb, self.hparams.temperature), weight=len(ids))
+        # Router weights per modality, and for text per provenance (a caption names its partner).
+        for m, w, partner in ((a, wa, b), (b, wb, a)):
+            key = f"text/{partner}" if m == "text" else m
+            self._weights.setdefault(key, []).append(w.detach().float().mean(0))
+
+    def on_validation_epoch_end(self) -> None:
+        r1 = []
+        for direction, metric in self.recall.items():
+            values = metric.compute()
+            for k, v in values.items():
+                self.log(f"val/{direction}/{k}", v)
+            r1.append(values["R@1"])
+            metric.reset()
+        self.log("val/mean_R@1", torch.stack(r1).mean(), prog_bar=True)
+        self.log("val/loss", self.val_loss.compute())
+        self.val_loss.reset()
+        self.mean_weights = {k: torch.stack(v).mean(0).cpu() for k, v in self._weights.items()}
+        self._weights = {}
+        for key, w in self.mean_weights.items():
+            m = key.split("/")[0]
+            for g, value in zip(self.hparams.groups[m], w.tolist(), strict=True):
+                self.log(f"router/{key}/{g}", value)
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(
+            self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay
+        )
+
+
+def weight_heatmap(
+    mean_weights: dict[str, torch.Tensor], groups: dict[str, list[str]], path: Path
+) -> Path:
+    """PNG heatmap: rows are modalities and text provenances, columns are groups (spaces)."""
+    import matplotlib.pyplot as plt
+
+    rows = [k for k in [*MODALITIES[:3], *(f"text/{p}" for p in PROVENANCES)] if k in mean_weights]
+    columns = list(dict.fromkeys(g for m in groups for g in groups[m]))
+    grid = np.full((len(rows), len(columns)), np.nan)
+    for i, key in enumerate(rows):
+        for g, w in zip(groups[key.split("/")[0]], mean_weights[key].tolist(), strict=True):
+            grid[i, columns.index(g)] = w
+    fig, ax = plt.subplots(figsize=(1.1 * len(columns) + 2, 0.5 * len(rows) + 1.5))
+    im = ax.imshow(grid, cmap="viridis", vmin=0, vmax=1)
+    ax.set_xticks(range(len(columns)), columns, rotation=45, ha="right")
+    ax.set_yticks(range(len(rows)), rows)
+    for (i, j), v in np.ndenumerate(grid):
+        if not np.isnan(v):
+            ax.text(
+                j,
+                i,
+                f"{v:.2f}",
+                ha="center",
+                va="center",
+                color="w" if v < 0.5 else "k",
+                fontsize=8,
+            )
+    fig.colorbar(im, ax=ax, label="mean router weight")
+    ax.set_title("router weights per modality and text provenance")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def run(cfg: DictConfig) -> float:
+    """Train the routers of `cfg.variant` and export the omni model; returns best mean R@1."""
+    layout = variant_layout(cfg)
+    groups, anchor = layout["groups"], layout["anchor"]
+    sources = [s for s in cfg.variant.spaces]
+    bound = load_bound(cfg, sources)
+    root = ensure_data(cfg, [*layout["spaces"], anchor])
+    proj_root = Path(cfg.paths.output_dir) / "projected"
+    tuples = tuples_path(cfg, cfg.route.pairs, root)
+    val_pairs = [(a, b) for a, b in PAIRS if a in groups and b in groups]
+    pool = "pool"
+    for dataset in [pool, *(f"val_{a}_{b}" for a, b in val_pairs)]:
+        for m in groups:
+            ensure_projected(
+                root, proj_root, bound, Path(cfg.route.bound_dir), dataset, m, cfg.data.dtype
+            )
+    needs = {(s + PROJECTED if s != anchor else s, m) for m, gs in groups.items() for s in gs}
+    needs |= {(p, m) for m, ps in layout["predictors"].items() for p in ps}
+    roots = {s + PROJECTED: proj_root for s in sources}
+    dm = EmbeddingDataModule(
+        root,
+        tuples,
+        needs,
+        {},
+        val_pairs,
+        batch_size=cfg.route.batch_size,
+        seed=cfg.seed,
+        roots=roots,
+    )
+    model = RouteModule(
+        groups,
+        layout["predictors"],
+        layout["predictor_dims"],
+        layout["specialty"],
+        anchor,
+        kind=cfg.route.kind,
+        scales=to_plain(cfg.route.scales),
+        temperature=cfg.loss.temperature,
+        align=cfg.loss.align,
+        lambda_dec=cfg.loss.lambda_dec,
+        lr=cfg.route.lr,
+        weight_decay=cfg.route.weight_decay,
+        val_pairs=val_pairs,
+    )
+    ckpt = ModelCheckpoint(
+        dirpath=Path(cfg.run_dir) / "checkpoints",
+        filename="best",
+        monitor="val/mean_R@1",
+        mode="max",
+        save_last=True,
+    )
+    trainer = make_trainer(cfg, cfg.route.epochs, [ckpt])
+    trainer.fit(model, dm, ckpt_path=resume_checkpoint(cfg))
+    best = RouteModule.load_from_checkpoint(ckpt.best_model_path) if ckpt.best_model_path else model
+    if trainer.is_global_zero:
+        meta = dict(
+            variant=cfg.variant.name,
+            kind=cfg.route.kind,
+            anchor=anchor,
+            groups=groups,
+            predictors=layout["predictors"],
+            predictor_dims=layout["predictor_dims"],
+            scales=model.scales,
+            specialty=layout["specialty"],
+            spaces={name: b[1] for name, b in bound.items()},
+            lambda_dec=cfg.loss.lambda_dec,
+            best_val_mean_R1=float(ckpt.best_model_score or 0),
+        )
+        omni = OmniModel(meta, cfg.route.kind)
+        for name, (mixture, _) in bound.items():
+            omni.projectors[name].load_state_dict(mixture.state_dict())
+        omni.routers.load_state_dict(best.routers.state_dict())
+        omni.save(cfg.route.export_dir)
+        png = weight_heatmap(
+            getattr(model, "mean_weights", {}), groups, Path(cfg.run_dir) / "router_weights.png"
+        )
+        logger = trainer.logger
+        if logger is not None and hasattr(logger, "log_image"):
+            logger.log_image(key="router_weights", images=[str(png)])
+        log.info("omni model (%s) exported to %s", cfg.route.kind, cfg.route.export_dir)
+    return float(ckpt.best_model_score or 0.0)
