@@ -149,6 +149,11 @@ class BindModule(L.LightningModule):
             loss = total / max(weight, 1e-12)
             self.log(f"train/loss_{name}", loss, on_step=False, on_epoch=True)
             losses.append(loss)
+        if not losses:
+            raise ValueError(
+                f"batch {batch_idx}: no expert of {list(self.starts)} has 2 or more rows; "
+                f"raise bind.batch_size (now {len(batch['start'])})"
+            )
         loss = torch.stack(losses).mean()
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True)
         return loss
@@ -164,9 +169,10 @@ class BindModule(L.LightningModule):
     def on_validation_epoch_end(self) -> None:
         r1 = []
         for direction, metric in self.recall.items():
-            for k, v in metric.compute().items():
+            values = metric.compute()
+            for k, v in values.items():
                 self.log(f"val/{direction}/{k}", v)
-            r1.append(metric.compute()["R@1"])
+            r1.append(values["R@1"])
             metric.reset()
         if r1:
             self.log("val/mean_R@1", torch.stack(r1).mean(), prog_bar=True)
@@ -288,8 +294,9 @@ def run(cfg: DictConfig) -> float:
         mode="max",
         save_last=True,
     )
+    resume = resume_checkpoint(cfg, model)  # checked before the logger reconnects a run
     trainer = make_trainer(cfg, cfg.bind.epochs, [ckpt])
-    trainer.fit(model, dm, ckpt_path=resume_checkpoint(cfg))
+    trainer.fit(model, dm, ckpt_path=resume)
     best = BindModule.load_from_checkpoint(ckpt.best_model_path) if ckpt.best_model_path else model
     if trainer.is_global_zero:
         export_bound_space(

@@ -1,0 +1,81 @@
+"""Shared fixtures: configs composed from the real conf/ tree, and one small synthetic world."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+# Before any import of laion_clap/wandb: it fetches tokenizers at import otherwise.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "offline")
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # `pytest` run from anywhere finds the packages and train.py
+    sys.path.insert(0, str(REPO))
+
+import torch  # noqa: E402
+from hydra import compose, initialize_config_dir  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
+
+# The tests' tensors are tiny: on a small shared machine, intra-op threads only contend (a
+# projector step ran 10x slower with 2 threads than with 1 on the 2-core sandbox).
+torch.set_num_threads(1)
+
+CONF_DIR = REPO / "conf"
+# A world small enough that generating it for four spaces takes seconds: 200 train concepts,
+# 2,000 rows per pool, 300 val and 500 test retrieval pairs, 20 zero-shot classes.
+SMALL_WORLD: tuple[str, ...] = (
+    "data.pool_size={point:2000,audio:2000,image:2000,text:2000}",
+    "data.n_concepts=200",
+    "data.n_val_concepts=60",
+    "data.n_test_concepts=100",
+    "data.oracle_tuples=2000",
+    "data.zeroshot={classes:20,per_class:3,templates:2,multilabel_items:60}",
+    "trainer=cpu",
+    "logger=none",
+)
+# The spaces of the shared world: an audio-text expert, a generalist, a 3D expert, the anchor.
+WORLD_SPACES: tuple[str, ...] = ("clap", "imagebind", "uni3d", "eva_clip_18b")
+
+Compose = Callable[..., DictConfig]
+
+
+def compose_config(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
+    """conf/config.yaml composed by Hydra with these overrides (no small-world defaults)."""
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        return compose(config_name="config", overrides=list(overrides))
+
+
+@pytest.fixture(scope="session")
+def world_cfg(tmp_path_factory: pytest.TempPathFactory) -> DictConfig:
+    """The small-world config whose data root the session's world lives in."""
+    out = tmp_path_factory.mktemp("shared")
+    return compose_config([*SMALL_WORLD, f"paths.output_dir={out}"])
+
+
+@pytest.fixture(scope="session")
+def small_world(world_cfg: DictConfig) -> Path:
+    """Root of the shared small world, written once per session for WORLD_SPACES. Read-only."""
+    from datamodules.world import ensure_world
+    from lightning_modules.common import space_configs
+
+    return ensure_world(world_cfg.data, space_configs(WORLD_SPACES))
+
+
+@pytest.fixture
+def compose_cfg(tmp_path: Path, world_cfg: DictConfig) -> Compose:
+    """compose_cfg(*overrides, shared_data=True): a small-world config writing under tmp_path.
+
+    shared_data=True reads the session's world (use the `small_world` fixture to have it written
+    first); False gives the test a world root of its own under tmp_path.
+    """
+
+    def make(*overrides: str, shared_data: bool = True) -> DictConfig:
+        data = [f"paths.data_dir={world_cfg.paths.data_dir}"] if shared_data else []
+        return compose_config([*SMALL_WORLD, f"paths.output_dir={tmp_path}", *data, *overrides])
+
+    return make
