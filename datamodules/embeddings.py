@@ -104,7 +104,9 @@ class EpochBatchSampler(Sampler[torch.Tensor]):
         return batches[self.rank :: self.world_size]
 
     def __iter__(self) -> Iterator[torch.Tensor]:
-        return iter(self._batches())
+        # Lazy: on resume Lightning creates the iterator before it calls set_epoch, so the
+        # permutation must be drawn at the first batch, not here (else epoch 0 is replayed).
+        yield from self._batches()
 
     def __len__(self) -> int:
         return len(self._batches())

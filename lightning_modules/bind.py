@@ -24,6 +24,7 @@ from datamodules.modalities import LETTERS, MODALITIES, PAIRS
 from lightning_modules.common import (
     ensure_data,
     make_trainer,
+    pairs_source,
     resume_checkpoint,
     to_plain,
     tuples_path,
@@ -303,7 +304,7 @@ def run(cfg: DictConfig) -> float:
             best,
             cfg.bind.export_dir,
             best_val_mean_R1=float(ckpt.best_model_score or 0),
-            pairs=str(cfg.bind.pairs),
+            pairs=pairs_source(cfg, cfg.bind.pairs),
         )
         log.info("bound space %s exported to %s", space.name, cfg.bind.export_dir)
     return float(ckpt.best_model_score or 0.0)

@@ -58,7 +58,7 @@ class ProjectorMixture(nn.Module):
 
 
 class Router(nn.Module):
-    """Linear(in, 512) -> BN -> ReLU -> Linear(512, 100) -> BN -> Tanh -> Linear(100, groups) -> sigmoid."""
+    """Linear(in, 512), BN, ReLU, Linear(512, 100), BN, Tanh, Linear(100, G), then sigmoid."""
 
     def __init__(self, in_dim: int, n_groups: int, hidden: tuple[int, int] = (512, 100)) -> None:
         super().__init__()

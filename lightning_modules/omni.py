@@ -58,7 +58,9 @@ class OmniModel(nn.Module):
     """Projectors (frozen) and routers of one variant, loaded from the route stage's export.
 
     meta: groups {modality: [space, ...]}, predictors {modality: [space, ...]}, scales {modality},
-    anchor (its group needs no projector), spaces {space: bound-space metadata}.
+    anchor (its group needs no projector), spaces {space: bound-space metadata}, and optionally
+    blends {group: {space: weight}}: a group that is normalize(sum_s weight_s * P_s), like the
+    official Full's fixed normalize(0.9 EVA-18B + 0.1 ImageBind) (lightning_modules/convert.py).
     """
 
     def __init__(self, meta: dict, kind: str = "routed") -> None:
@@ -100,13 +102,17 @@ class OmniModel(nn.Module):
         atomic_write_json(directory / EXPORT_META, self.meta)
         return directory
 
+    def group(self, name: str, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """A group's embedding (batch, omni_dim): the anchor, a space's expert mean, or a blend."""
+        blend = self.meta.get("blends", {}).get(name)
+        if blend is not None:
+            return F.normalize(sum(w * self.group(s, inputs) for s, w in blend.items()), dim=-1)
+        x = inputs[name].float()
+        return x if name == self.meta["anchor"] else self.projectors[name](x)
+
     def project(self, modality: str, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         """inputs {space: (batch, dim_space)} -> projected groups (batch, groups, omni_dim)."""
-        out = []
-        for space in self.meta["groups"][modality]:
-            x = inputs[space].float()
-            out.append(x if space == self.meta["anchor"] else self.projectors[space](x))
-        return torch.stack(out, 1)
+        return torch.stack([self.group(g, inputs) for g in self.meta["groups"][modality]], 1)
 
     def weights(
         self, modality: str, inputs: dict[str, torch.Tensor], weighting: str = "routed"
@@ -115,7 +121,8 @@ class OmniModel(nn.Module):
         groups = self.meta["groups"][modality]
         n = len(next(iter(inputs.values())))
         if weighting == "average":
-            return torch.full((n, len(groups)), 1.0 / len(groups))
+            device = next(iter(inputs.values())).device
+            return torch.full((n, len(groups)), 1.0 / len(groups), device=device)
         x = torch.cat([inputs[p].float() for p in self.meta["predictors"][modality]], 1)
         return torch.softmax(self.meta["scales"][modality] * self.routers[modality](x), -1)
 
@@ -127,10 +134,10 @@ class OmniModel(nn.Module):
         return combine(self.project(modality, inputs), self.weights(modality, inputs, weighting))
 
     def needed_spaces(self, modality: str) -> list[str]:
-        """Spaces whose caches `embed` reads for this modality (groups and predictors)."""
-        return list(
-            dict.fromkeys(self.meta["groups"][modality] + self.meta["predictors"][modality])
-        )
+        """Spaces whose caches `embed` reads for this modality (groups, blend parts, predictors)."""
+        blends = self.meta.get("blends", {})
+        groups = [s for g in self.meta["groups"][modality] for s in blends.get(g, [g])]
+        return list(dict.fromkeys(groups + self.meta["predictors"][modality]))
 
     @torch.no_grad()
     def embed(

@@ -317,7 +317,7 @@ def run(cfg: DictConfig) -> float:
         temperature=cfg.loss.temperature,
         align=cfg.loss.align,
         lambda_dec=cfg.loss.lambda_dec,
-        lr=cfg.route.lr,
+        lr=cfg.route.lr if cfg.route.kind == "routed" else cfg.route.fixed_lr,
         weight_decay=cfg.route.weight_decay,
         val_pairs=val_pairs,
     )
@@ -328,8 +328,9 @@ def run(cfg: DictConfig) -> float:
         mode="max",
         save_last=True,
     )
+    resume = resume_checkpoint(cfg, model)  # checked before the logger reconnects a run
     trainer = make_trainer(cfg, cfg.route.epochs, [ckpt])
-    trainer.fit(model, dm, ckpt_path=resume_checkpoint(cfg))
+    trainer.fit(model, dm, ckpt_path=resume)
     best = RouteModule.load_from_checkpoint(ckpt.best_model_path) if ckpt.best_model_path else model
     if trainer.is_global_zero:
         meta = dict(

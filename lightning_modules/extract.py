@@ -1,0 +1,307 @@
+"""Extract stage: run a space's frozen encoder over raw items and fill the embedding cache.
+
+`python train.py stage=extract space=tiny_clip data=demo_raw`
+
+One cache per (dataset, space, modality) under `data.root`. Extraction is Lightning `predict`
+with `CacheShardWriter`, a prediction writer that writes each chunk of `extract.shard_size` items
+as one shard as soon as its last batch is embedded. A rerun skips finished chunks (resume after a
+crash) and complete caches; under DDP each rank writes its own chunks and rank 0 writes the
+manifest at the end. `trainer=deepspeed_infer` shards a huge encoder (EVA-CLIP-18B) with ZeRO-3:
+the model is built inside `configure_model`, already partitioned, and rank 0 streams the weights
+in module by module. Precomputed spaces (Uni3D, WavCaps, ImageBind) are imported from their dumps.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.callbacks import BasePredictionWriter, TQDMProgressBar
+from omegaconf import DictConfig
+
+from datamodules.cache import CacheError, cache_dir
+from datamodules.demo_raw import ensure_demo_raw
+from datamodules.raw import ExtractJob, LoadSettings, RawDataModule, list_items
+from encoders import build_encoder, build_processor
+from encoders.base import Encoder
+from encoders.precomputed import DumpError
+from encoders.video import encode_video
+from lightning_modules.common import make_trainer, to_plain
+
+log = logging.getLogger(__name__)
+UNIT_TOLERANCE = 1e-2  # |norm - 1| allowed after the encoder's own precision (bf16 included)
+
+
+class ExtractModule(L.LightningModule):
+    """Wraps a frozen encoder for `predict`: a batch of one modality -> unit embeddings."""
+
+    def __init__(
+        self, encoder_cfg: Mapping, dims: Mapping[str, int], encoder: Encoder | None = None
+    ) -> None:
+        super().__init__()
+        self.encoder_cfg, self.dims = dict(encoder_cfg), dict(dims)
+        self.encoder = encoder
+
+    def configure_model(self) -> None:
+        """Build the encoder here, so that under ZeRO-3 it is created already partitioned."""
+        if self.encoder is not None:
+            return
+        zero3 = bool(getattr(self.trainer.strategy, "zero_stage_3", False))
+        cfg = dict(self.encoder_cfg)
+        if zero3 and "precision" in cfg:
+            cfg["precision"] = "fp32"  # DeepSpeed's bf16 config casts the partitions itself
+        self.encoder = build_encoder(cfg, self.dims, load_weights=not zero3)
+        if zero3:
+            state = self.encoder.pretrained_state_dict() if self.trainer.is_global_zero else None
+            load_gathered(self.encoder, state)
+
+    def predict_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> dict:
+        inputs, modality = batch["inputs"], batch["modality"]
+        if batch["video"]:
+            emb = encode_video(self.encoder, inputs)
+        else:
+            emb = self.encoder({modality: inputs})[modality]
+        return {"emb": emb, "ids": batch["ids"], "pad": batch["pad"]}
+
+
+def load_gathered(module: torch.nn.Module, state: Mapping[str, torch.Tensor] | None) -> None:
+    """Load a full state dict (given on rank 0 only) into a ZeRO-3 partitioned module.
+
+    Each module's own parameters are gathered, overwritten on rank 0 and re-partitioned (what
+    Lightning does to restore ZeRO-3 checkpoints); buffers, which ZeRO-3 does not partition, are
+    broadcast from rank 0. Keys must match exactly.
+    """
+    import deepspeed
+    import torch.distributed as dist
+
+    if state is not None:
+        expected = set(module.state_dict().keys())
+        missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+        if missing or unexpected:
+            raise CacheError(f"pretrained weights do not fit the encoder: missing {missing[:5]}, "
+                             f"unexpected {unexpected[:5]}")  # fmt: skip
+    distributed = dist.is_available() and dist.is_initialized()
+
+    def load(mod: torch.nn.Module, prefix: str) -> None:
+        params = list(mod.named_parameters(recurse=False))
+        with deepspeed.zero.GatheredParameters([p for _, p in params], modifier_rank=0):
+            if state is not None:
+                with torch.no_grad():
+                    for name, p in params:
+                        p.copy_(state[prefix + name].to(p.dtype))
+        with torch.no_grad():
+            for name, buf in mod.named_buffers(recurse=False):
+                if state is not None and prefix + name in state:
+                    buf.copy_(state[prefix + name].to(buf.dtype))
+                if distributed:
+                    dist.broadcast(buf, src=0)
+        for name, child in mod.named_children():
+            load(child, f"{prefix}{name}.")
+
+    load(module, "")
+
+
+class CacheShardWriter(BasePredictionWriter):
+    """Collects each chunk's embeddings (and failed items) and writes it as one shard."""
+
+    def __init__(self) -> None:
+        super().__init__(write_interval="batch")
+        self.open: dict[tuple[int, int], dict[str, list]] = {}
+
+    def write_on_batch_end(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        prediction: dict,
+        batch_indices: Any,
+        batch: dict,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        job, _ = trainer.datamodule.loaders[dataloader_idx]
+        keep = ~prediction["pad"].cpu()
+        ids = prediction["ids"].cpu()[keep].numpy()
+        emb = prediction["emb"].detach().float().cpu()[keep]
+        norms = emb.norm(dim=1)
+        bad = ((norms - 1).abs() > UNIT_TOLERANCE) | ~torch.isfinite(norms)
+        if bad.any():
+            i = int(bad.nonzero()[0])
+            raise CacheError(
+                f"{job.name}: the encoder returned an embedding of norm {float(norms[i]):.4g} "
+                f"for item {job.items.sources[ids[i]]} (expected L2-normalised)"
+            )
+        real = [*ids.tolist(), *(i for i, _ in batch["errors"])]
+        if not real:
+            return  # a batch that only pads this rank's share
+        c = real[0] // job.shard_size  # ChunkBatchSampler's batches never cross a chunk
+        buf = self.open.setdefault((dataloader_idx, c), {"ids": [], "emb": [], "errors": []})
+        buf["ids"].extend(ids.tolist())
+        buf["emb"].append(emb.numpy())
+        buf["errors"].extend(batch["errors"])
+        if len(buf["ids"]) + len(buf["errors"]) == len(job.chunk(c)):
+            job.write_chunk(c, np.concatenate(buf["emb"]), np.asarray(buf["ids"], np.int64),
+                            buf["errors"])  # fmt: skip
+            del self.open[(dataloader_idx, c)]
+
+    def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.open:
+            names = [f"{trainer.datamodule.loaders[i][0].name} chunk {c}" for i, c in self.open]
+            raise CacheError(f"predict ended with unfinished chunks: {names[:5]}")
+        trainer.datamodule.finish(trainer)
+
+
+class ItemsProgressBar(TQDMProgressBar):
+    """Lightning's progress bar, counting items (and items/s) instead of batches."""
+
+    def init_predict_tqdm(self):
+        bar = super().init_predict_tqdm()
+        bar.unit = "item"
+        return bar
+
+    def on_predict_batch_start(
+        self, trainer, pl_module, batch, batch_idx, dataloader_idx=0
+    ) -> None:
+        if not self.has_dataloader_changed(dataloader_idx):
+            return
+        job, sampler = trainer.datamodule.loaders[dataloader_idx]
+        self.items_done = 0
+        bar = self.predict_progress_bar
+        bar.reset(total=sampler.num_items)
+        bar.set_description(f"extract {job.name}")
+
+    def on_predict_batch_end(
+        self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0
+    ) -> None:
+        self.items_done += int((~batch["pad"]).sum()) + len(batch["errors"])
+        bar = self.predict_progress_bar
+        if not bar.disable:
+            bar.n = self.items_done
+            bar.refresh()
+
+
+def fingerprint(**parts: Any) -> str:
+    """A short hash of everything that decides a cache's contents."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def plan(cfg: DictConfig) -> list[ExtractJob]:
+    """One job per (dataset, modality) of the data config that the space embeds."""
+    data, space, ex = cfg.data, cfg.space, cfg.extract
+    encoder_cfg, dims = to_plain(space.encoder), dict(space.dims)
+    datasets = to_plain(data.datasets)
+    chosen = list(ex.datasets) if ex.get("datasets") else list(datasets)
+    unknown = sorted(set(chosen) - set(datasets))
+    if unknown:
+        raise ValueError(
+            f"extract.datasets names {unknown}; data {data.name!r} has {sorted(datasets)}"
+        )
+    settings = to_plain(data.get("load", {}))
+    jobs = []
+    for dataset in chosen:
+        for modality, spec in datasets[dataset].items():
+            if modality not in dims or (ex.get("modalities") and modality not in ex.modalities):
+                continue
+            items = list_items(modality, spec, f"data.datasets.{dataset}.{modality}")
+            fp = fingerprint(space=space.name, dim=dims[modality], encoder=encoder_cfg,
+                             modality=modality, dataset=dataset, items=items.digest(),
+                             load=settings, frames=spec.get("frames"),
+                             shard_size=ex.shard_size, dtype=ex.dtype)  # fmt: skip
+            jobs.append(ExtractJob(
+                dataset, modality, items, cache_dir(data.root, dataset, space.name, modality),
+                space.name, dims[modality], fp, int(ex.shard_size), ex.dtype, spec.get("frames"),
+                meta=dict(source=f"extract: {data.name}", encoder=encoder_cfg),
+            ))  # fmt: skip
+    if not jobs:
+        raise ValueError(
+            f"nothing to extract: space {space.name!r} embeds {sorted(dims)}, and data "
+            f"{data.name!r} has no such modality in {chosen}"
+        )
+    return jobs
+
+
+def import_precomputed(cfg: DictConfig, jobs: list[ExtractJob]) -> list[dict]:
+    """Precomputed spaces: copy the dumped rows of every item into the cache, in item order."""
+    encoder_cfg, dims = to_plain(cfg.space.encoder), dict(cfg.space.dims)
+    manifests = []
+    for job in jobs:
+        if not job.prepare(cfg.extract.overwrite):
+            log.info("%s is already imported (%s)", job.name, job.directory)
+            continue
+        encoder = build_encoder(encoder_cfg, dims, dataset=job.dataset,
+                                keys={job.modality: job.items.keys})  # fmt: skip
+        emb_all, found = encoder.table(job.modality)
+        for c in job.pending_chunks():
+            ids, errors = [], []
+            for i in job.chunk(c):
+                row = found.get(job.items.keys[i])
+                if row is None:
+                    errors.append((i, "missing from the precomputed dump"))
+                elif not np.isfinite(emb_all[row]).all() or not np.linalg.norm(emb_all[row]):
+                    errors.append((i, "the dumped embedding is zero, NaN or inf"))
+                else:
+                    ids.append(i)
+            if errors and cfg.extract.on_error == "raise":
+                i, msg = errors[0]
+                raise DumpError(f"{encoder.path / job.dataset}: item {job.items.keys[i]!r} {msg} "
+                                f"({len(errors)} such items in chunk {c}); set "
+                                "extract.on_error=skip to skip and list them")  # fmt: skip
+            keys = [job.items.keys[i] for i in ids]
+            emb = encoder({job.modality: keys})[job.modality].numpy() if ids else None
+            job.write_chunk(c, emb, np.asarray(ids, np.int64), errors)
+        manifests.append(job.finalize())
+    return manifests
+
+
+def run(cfg: DictConfig) -> int:
+    """Extract every cache the data config and the space have in common; returns rows written."""
+    data = cfg.data
+    if data.get("kind") != "raw":
+        raise ValueError(
+            f"stage=extract reads raw items, but data={data.get('name')!r} is "
+            f"{data.get('kind')!r}; use a raw data config such as data=demo_raw (the synthetic "
+            "world writes its caches itself)"
+        )
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # DataLoader workers fork
+    if data.get("generate") == "demo":
+        ensure_demo_raw(data.source, seed=data.seed)
+    jobs = plan(cfg)
+    if not cfg.extract.overwrite and all(job.is_complete() for job in jobs):
+        log.info("every cache of %s for %s is already extracted", cfg.space.name, data.name)
+        return 0
+    if cfg.space.encoder.kind == "precomputed":
+        manifests = import_precomputed(cfg, jobs)
+        return sum(m["count"] for m in manifests)
+    encoder_cfg, dims = to_plain(cfg.space.encoder), dict(cfg.space.dims)
+    settings = LoadSettings(**to_plain(data.get("load", {})), seed=int(data.seed))
+    dm = RawDataModule(
+        jobs, build_processor(encoder_cfg, dims), settings, batch_size=cfg.extract.batch_size,
+        num_workers=cfg.extract.num_workers, on_error=cfg.extract.on_error,
+        overwrite=cfg.extract.overwrite,
+    )  # fmt: skip
+    bar = [ItemsProgressBar()] if cfg.trainer.get("enable_progress_bar", True) else []
+    trainer = make_trainer(cfg, 1, [CacheShardWriter(), *bar], logger=False)
+    with warnings.catch_warnings():
+        # Lightning cannot see that ChunkBatchSampler yields every index; it does.
+        warnings.filterwarnings("ignore", message=".*custom batch sampler.*")
+        trainer.predict(ExtractModule(encoder_cfg, dims), datamodule=dm, return_predictions=False)
+    if not dm.finished:  # nothing was left to embed, so no predict hook ran
+        dm.finish(trainer)
+    if trainer.is_global_zero:
+        for job in dm.active:
+            log.info("extracted %s -> %s", job.name, job.directory)
+    return sum(len(job.items) for job in dm.active)
+
+
+def read_errors(directory: str | Path) -> list[dict]:
+    """The items an extraction skipped, with their reasons (empty when none failed)."""
+    path = Path(directory) / "errors.json"
+    return json.loads(path.read_text()) if path.exists() else []

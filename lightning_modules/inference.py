@@ -1,0 +1,397 @@
+"""Inference: an omni model as an embedding and retrieval API, and a small search CLI.
+
+    bind = OmniBind.load("outputs/omni/base/routed")           # route export or stage=convert's
+    z = bind.embed_spaces({"wavcaps": {"audio": a}, ...})       # {modality: (n, omni_dim)}
+    z = OmniBind.load(d, encoders={...}).embed(audio=[...], text=["a dog barks"])
+    gallery = build_gallery(bind, root, "test_audio_text", "audio", "gallery/audio")
+    scores, rows = gallery.search(compose(z, {"audio": 1.0, "text": 0.5}), k=5)
+
+Omni embeddings are L2-normalised; a gallery is an embedding cache (datamodules/cache.py) of
+them, searched exactly (blocked matmul or faiss, lightning_modules/pair.py; on equal scores the
+lower row wins).
+
+    python -m lightning_modules.inference index --model M --root R --dataset D --modality X --out G
+    python -m lightning_modules.inference search --model M --root R --gallery G --query D:X:ROW[@W]
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from datamodules.cache import CacheError, CacheWriter, EmbeddingCache, cache_dir, sha256_file
+from datamodules.modalities import MODALITIES, check_modality
+from lightning_modules.omni import EXPORT_WEIGHTS, WEIGHTINGS, OmniModel, modalities_of
+from lightning_modules.pair import pool_rows, search
+
+
+def _device(device: str | torch.device) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+class OmniBind:
+    """An omni model for use: embeddings from per-space embeddings or raw items.
+
+    encoders: {space: encoder}, each taking {modality: [raw items]} to {modality: (n, dim_space)}
+    L2-normalised embeddings: an `encoders.base.Encoder` (its `encode`) or any such callable.
+    """
+
+    def __init__(
+        self,
+        model: OmniModel,
+        encoders: Mapping[str, Any] | None = None,
+        weighting: str = "routed",
+        device: str | torch.device = "cpu",
+    ) -> None:
+        if weighting not in WEIGHTINGS:
+            raise ValueError(f"weighting is {weighting!r}; expected one of {list(WEIGHTINGS)}")
+        self.device = _device(device)
+        self.model = model.eval().to(self.device)
+        self.directory: Path | None = None  # the export it was loaded from, if any
+        self.encoders = dict(encoders or {})
+        self.weighting = weighting
+        # Spaces whose modality is another space's embedding (Uni3D's image/text are EVA02-E's).
+        self.shares: dict[str, dict[str, str]] = model.meta.get("shares", {})
+
+    @classmethod
+    def load(
+        cls,
+        directory: str | Path,
+        encoders: Mapping[str, Any] | None = None,
+        weighting: str = "routed",
+        device: str | torch.device = "cpu",
+    ) -> OmniBind:
+        """From an omni export directory (stage=route or stage=convert)."""
+        bind = cls(OmniModel.load(directory), encoders, weighting, device)
+        bind.directory = Path(directory)
+        return bind
+
+    def fingerprint(self) -> str:
+        """A hash of the weights and the weighting: what a gallery of this model depends on."""
+        h = hashlib.sha256(self.weighting.encode())
+        if self.directory is not None:
+            h.update(sha256_file(self.directory / EXPORT_WEIGHTS).encode())
+        else:
+            for key, value in self.model.state_dict().items():
+                h.update(key.encode() + value.detach().cpu().contiguous().numpy().tobytes())
+        return h.hexdigest()[:16]
+
+    @property
+    def modalities(self) -> list[str]:
+        return modalities_of(self.model.meta)
+
+    @property
+    def dim(self) -> int:
+        """The omni dim (the anchor's)."""
+        return next(iter(self.model.meta["spaces"].values()))["out_dim"]
+
+    def needed(self, modality: str) -> list[str]:
+        """The spaces whose `modality` embeddings the model reads."""
+        if modality not in self.model.meta["groups"]:
+            raise ValueError(f"the omni model embeds {self.modalities}, not {modality!r}")
+        return self.model.needed_spaces(modality)
+
+    def source(self, space: str, modality: str) -> str:
+        """The space whose embedding stands for `space`'s `modality` (itself unless shared)."""
+        return self.shares.get(space, {}).get(modality, space)
+
+    @torch.no_grad()
+    def embed_spaces(
+        self, inputs: Mapping[str, Mapping[str, torch.Tensor]]
+    ) -> dict[str, torch.Tensor]:
+        """{space: {modality: (n, dim_space)}} -> {modality: (n, omni_dim)}, L2-normalised.
+
+        Every modality that some input carries is embedded, and needs every space of `needed`.
+        """
+        offered = {m for per in inputs.values() for m in per}
+        for m in offered:
+            check_modality(m, "embed_spaces inputs")
+        out = {}
+        for m in [m for m in MODALITIES if m in offered]:
+            per_space, missing = {}, []
+            for space in self.needed(m):
+                x = inputs.get(space, {}).get(m)
+                if x is None:
+                    x = inputs.get(self.source(space, m), {}).get(m)
+                if x is None:
+                    src = self.source(space, m)
+                    missing.append(space if src == space else f"{space} (or {src})")
+                    continue
+                per_space[space] = self._check(torch.as_tensor(x), space, m)
+            if missing:
+                raise ValueError(f"{m}: no embeddings of spaces {missing}; this omni model reads "
+                                 f"{m} from {self.needed(m)}")  # fmt: skip
+            rows = {s: len(x) for s, x in per_space.items()}
+            if len(set(rows.values())) != 1:
+                raise ValueError(f"{m}: spaces disagree on the number of rows {rows}")
+            out[m] = self.model.embed_spaces(m, per_space, self.weighting)
+        return out
+
+    def _check(self, x: torch.Tensor, space: str, modality: str) -> torch.Tensor:
+        meta = self.model.meta
+        want = (
+            self.dim if space == meta["anchor"] else meta["spaces"].get(space, {}).get("dims", {})
+        )
+        want = want.get(modality) if isinstance(want, dict) else want
+        if x.ndim != 2 or (want is not None and x.shape[1] != want):
+            raise ValueError(f"{space}/{modality}: embeddings of shape {tuple(x.shape)}, expected "
+                             f"(n, {want if want is not None else 'dim'})")  # fmt: skip
+        return x.to(self.device, torch.float32)
+
+    @torch.no_grad()
+    def embed(
+        self,
+        *,
+        point: Sequence[Any] | None = None,
+        audio: Sequence[Any] | None = None,
+        image: Sequence[Any] | None = None,
+        text: Sequence[Any] | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Raw items per modality (paths, PIL images, waveforms, strings) -> omni embeddings."""
+        raw = {
+            m: list(x)
+            for m, x in zip(MODALITIES, (point, audio, image, text), strict=True)
+            if x is not None
+        }
+        calls: dict[str, list[str]] = {}  # encoder space -> modalities it embeds here
+        for m in raw:
+            for space in self.needed(m):
+                calls.setdefault(self.source(space, m), [])
+                if m not in calls[self.source(space, m)]:
+                    calls[self.source(space, m)].append(m)
+        absent = sorted(s for s in calls if s not in self.encoders)
+        if absent:
+            raise ValueError(f"no encoders for spaces {absent}; pass OmniBind(..., encoders="
+                             f"{{space: encoder}}) for every space in {sorted(calls)}")  # fmt: skip
+        inputs = {}
+        for space, mods in calls.items():
+            encoder = self.encoders[space]
+            encode = getattr(encoder, "encode", encoder)
+            got = encode({m: raw[m] for m in mods})
+            for m in mods:
+                if m not in got or len(got[m]) != len(raw[m]):
+                    shape = tuple(got[m].shape) if m in got else None
+                    raise ValueError(f"encoder of {space!r} returned {m} embeddings {shape}, "
+                                     f"expected {len(raw[m])} rows")  # fmt: skip
+            inputs[space] = {m: got[m] for m in mods}
+        return self.embed_spaces(inputs)
+
+    @torch.no_grad()
+    def embed_rows(
+        self, root: str | Path, dataset: str, modality: str, rows: Sequence[int] | slice
+    ) -> torch.Tensor:
+        """Omni embeddings (len(rows), omni_dim) of rows of a dataset's per-space caches."""
+        inputs, count = {}, None
+        for space in self.needed(modality):
+            cache = EmbeddingCache(cache_dir(root, dataset, space, modality))
+            if count is not None and cache.count != count:
+                raise CacheError(f"{cache.directory}: {cache.count} rows, other spaces {count}")
+            count = cache.count
+            data = pool_rows(cache)
+            if isinstance(rows, slice):
+                x = np.asarray(data[rows], dtype=np.float32)
+            else:
+                bad = [r for r in rows if not 0 <= r < count]
+                if bad:
+                    raise IndexError(f"{cache.directory}: rows {bad} outside [0, {count})")
+                x = np.stack([np.asarray(data[r : r + 1][0], dtype=np.float32) for r in rows])
+            inputs[space] = {modality: torch.from_numpy(x)}
+        return self.embed_spaces(inputs)[modality]
+
+
+def compose(
+    embeddings: Mapping[str, torch.Tensor], weights: Mapping[str, float] | None = None
+) -> torch.Tensor:
+    """A composed query normalize(sum_k w_k * e_k) of (n, dim) or (dim,) embeddings (w_k = 1).
+
+    Keys are any labels (usually modalities, as `embed` returns them); rows broadcast, so one
+    (1, dim) text can steer n audio queries. Negative weights subtract a concept.
+    """
+    weights = dict(weights or {})
+    unknown = sorted(set(weights) - set(embeddings))
+    if unknown:
+        raise ValueError(f"weights for {unknown}, which are not among {sorted(embeddings)}")
+    if not embeddings:
+        raise ValueError("compose needs at least one embedding")
+    parts = [float(weights.get(k, 1.0)) * F.normalize(torch.atleast_2d(e).float(), dim=-1)
+             for k, e in embeddings.items()]  # fmt: skip
+    dims = {p.shape[1] for p in parts}
+    if len(dims) != 1:
+        raise ValueError(f"embeddings of different dims {dims} cannot be composed")
+    return F.normalize(torch.stack(torch.broadcast_tensors(*parts)).sum(0), dim=-1)
+
+
+class Gallery:
+    """An omni embedding cache, searched exactly by inner product (torch blocks or faiss)."""
+
+    def __init__(
+        self, directory: str | Path, backend: str = "torch", device: str | torch.device = "cpu"
+    ) -> None:
+        self.cache = EmbeddingCache(directory)
+        self.backend, self.device = backend, device
+
+    def __len__(self) -> int:
+        return self.cache.count
+
+    def search(self, queries: torch.Tensor, k: int = 10) -> tuple[np.ndarray, np.ndarray]:
+        """queries (q, dim) -> (scores (q, k), gallery rows (q, k)), best first."""
+        queries = torch.atleast_2d(queries).float().cpu()
+        if queries.shape[1] != self.cache.dim:
+            raise ValueError(
+                f"queries have dim {queries.shape[1]}; gallery {self.cache.directory} has "
+                f"{self.cache.dim}"
+            )
+        k = min(k, len(self))
+        out = search(queries, pool_rows(self.cache), k, backend=self.backend, device=self.device)
+        return out["a_to_b"]
+
+
+def build_gallery(
+    bind: OmniBind,
+    root: str | Path,
+    dataset: str,
+    modality: str,
+    out: str | Path,
+    *,
+    dtype: str = "float16",
+    chunk: int = 8192,
+    overwrite: bool = False,
+) -> Gallery:
+    """Embed every row of (dataset, modality) into an omni cache at `out`, unless it is current.
+
+    Ids and per-row extras (labels, ...) are copied from the first space's cache.
+    """
+    caches = [EmbeddingCache(cache_dir(root, dataset, s, modality)) for s in bind.needed(modality)]
+    first = caches[0]
+    parts = [bind.fingerprint(), *(c.fingerprint for c in caches)]
+    fingerprint = hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
+    out = Path(out)
+    if not overwrite and out.is_dir():
+        try:
+            existing = EmbeddingCache(out)
+            if existing.fingerprint == fingerprint and existing.count == first.count:
+                return Gallery(out)
+        except CacheError:
+            pass  # incomplete or foreign: rewritten below
+    writer = CacheWriter(out, space="omni", modality=modality, dim=bind.dim, dtype=dtype,
+                         fingerprint=fingerprint, overwrite=True)  # fmt: skip
+    extras = {k: first.extra(k) for k in first.manifest.get("extras", [])}
+    for start in range(0, first.count, chunk):
+        stop = min(start + chunk, first.count)
+        z = bind.embed_rows(root, dataset, modality, slice(start, stop))
+        writer.append(z.cpu().numpy(), first.ids[start:stop],
+                      **{k: v[start:stop] for k, v in extras.items()})  # fmt: skip
+    writer.close(dataset=dataset, root=str(root), weighting=bind.weighting)
+    return Gallery(out)
+
+
+# ---------------------------------------------------------------------------- command line
+
+
+def parse_query(spec: str) -> tuple[str, str, int, float]:
+    """`DATASET:MODALITY:ROW[@WEIGHT]` -> (dataset, modality, row, weight)."""
+    body, _, weight = spec.partition("@")
+    parts = body.split(":")
+    try:
+        dataset, modality, row = parts
+        return dataset, check_modality(modality, spec), int(row), float(weight or 1.0)
+    except ValueError as e:
+        raise ValueError(
+            f"--query {spec!r}: expected DATASET:MODALITY:ROW[@WEIGHT], e.g. "
+            f"test_audio_text:audio:3 or test_audio_text:text:3@0.5 ({e})"
+        ) from e
+
+
+def _fields(cache: EmbeddingCache, row: int) -> dict[str, Any]:
+    """A row's id and its 1-D extras (labels, items, ...)."""
+    fields = {"id": cache.ids[row].item()}
+    for key in cache.manifest.get("extras", []):
+        value = cache.extra(key)
+        if value.ndim == 1:
+            fields[key] = value[row].item()
+    return fields
+
+
+def _search(args: argparse.Namespace, bind: OmniBind) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    gallery = Gallery(args.gallery, backend=args.backend, device=args.device)
+    queries, weights, described = {}, {}, []
+    for i, spec in enumerate(args.query):
+        dataset, modality, row, weight = parse_query(spec)
+        key = f"{i}:{spec}"
+        queries[key] = bind.embed_rows(args.root, dataset, modality, [row])
+        weights[key] = weight
+        cache = EmbeddingCache(cache_dir(args.root, dataset, bind.needed(modality)[0], modality))
+        described.append(_fields(cache, row))
+        text = " ".join(f"{k}={v}" for k, v in described[-1].items())
+        console.print(f"query {spec} (weight {weight}): {text}")
+    scores, rows = gallery.search(compose(queries, weights), args.k)
+    table = Table(title=f"top {len(rows[0])} of {len(gallery)} in {args.gallery}")
+    for column in ("rank", "row", "score", "gallery item", "same as a query"):
+        table.add_column(column, justify="right" if column in ("rank", "row", "score") else "left")
+    for rank, (score, row) in enumerate(zip(scores[0], rows[0], strict=True), 1):
+        hit = _fields(gallery.cache, int(row))
+        # Extras (concept labels, paired item indices) it shares with some query row.
+        same = [k for k, v in hit.items() if k != "id" and any(q.get(k) == v for q in described)]
+        text = " ".join(f"{k}={v}" for k, v in hit.items())
+        table.add_row(str(rank), str(row), f"{score:.4f}", text, ", ".join(same))
+    console.print(table)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`index` a dataset's rows into an omni gallery cache, or `search` one with cached rows."""
+    parser = argparse.ArgumentParser(
+        prog="python -m lightning_modules.inference", description=main.__doc__
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    index = sub.add_parser("index", help="embed (dataset, modality) into an omni gallery cache")
+    find = sub.add_parser("search", help="search a gallery with cached rows (composable)")
+    for p in (index, find):
+        p.add_argument("--model", required=True, help="omni export dir (stage=route or convert)")
+        p.add_argument("--root", required=True, help="data root of the per-space caches")
+        p.add_argument("--weighting", default="routed", choices=WEIGHTINGS)
+        p.add_argument("--device", default="cpu", help="cpu | cuda[:i] | auto")
+    index.add_argument("--dataset", required=True)
+    index.add_argument("--modality", required=True, choices=MODALITIES)
+    index.add_argument("--out", required=True, help="the gallery cache dir to write")
+    index.add_argument("--dtype", default="float16", choices=("float16", "float32"))
+    index.add_argument("--overwrite", action="store_true", help="rebuild even if current")
+    find.add_argument("--gallery", required=True, help="a gallery cache dir (from `index`)")
+    find.add_argument(
+        "--query",
+        required=True,
+        action="append",
+        help="DATASET:MODALITY:ROW[@WEIGHT]; repeat to compose a weighted query",
+    )
+    find.add_argument("--k", type=int, default=10)
+    find.add_argument("--backend", default="torch", choices=("torch", "faiss"))
+    args = parser.parse_args(argv)
+    try:
+        bind = OmniBind.load(args.model, weighting=args.weighting, device=args.device)
+        if args.command == "index":
+            gallery = build_gallery(bind, args.root, args.dataset, args.modality, args.out,
+                                    dtype=args.dtype, overwrite=args.overwrite)  # fmt: skip
+            print(f"gallery {args.out}: {len(gallery)} {args.modality} rows of {args.dataset}")
+        else:
+            _search(args, bind)
+    except (CacheError, ValueError, IndexError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

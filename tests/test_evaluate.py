@@ -1,0 +1,378 @@
+"""The evaluate stage: the real entry point on the world, each kind of method, hand-made
+benchmarks with known answers, and the errors that bad benchmarks must raise."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from omegaconf import OmegaConf
+
+from datamodules.cache import CacheError, CacheWriter, EmbeddingCache, cache_dir
+from lightning_modules.bind import BindModule, export_bound_space, load_bound_space
+from lightning_modules.evaluate import (
+    evaluate_method,
+    load_benchmarks,
+    make_method,
+    zeroshot_prompts,
+)
+from lightning_modules.metrics import recall_at_k
+from train import train
+
+DIM = 512  # clap's dim: the hand-made benchmarks are "clap" caches
+
+
+def _load(root: Path, dataset: str, space: str, modality: str) -> torch.Tensor:
+    cache = EmbeddingCache(cache_dir(root, dataset, space, modality))
+    return F.normalize(torch.from_numpy(cache.load()), dim=-1)
+
+
+def _stable_recall(query, gallery, query_items, gallery_items, k: int) -> float:
+    """Full score matrix, stable sort: among equal scores the lower gallery row ranks first."""
+    order = torch.sort(-(query @ gallery.T), dim=1, stable=True).indices
+    return float((gallery_items[order][:, :k] == query_items[:, None]).any(1).float().mean())
+
+
+def _zeroshot_top1(root: Path, dataset: str, space: str, modality: str) -> float:
+    """Top-1 against class embeddings: re-normalised means of the normalised prompts."""
+    prompts = _load(root, dataset, space, "text")
+    plabels = EmbeddingCache(cache_dir(root, dataset, space, "text")).extra("labels")
+    means = [prompts[plabels == c].mean(0) for c in range(plabels.max() + 1)]
+    classes = F.normalize(torch.stack(means), dim=-1)
+    items = _load(root, dataset, space, modality)
+    labels = EmbeddingCache(cache_dir(root, dataset, space, modality)).extra("labels")
+    return float(((items @ classes.T).argmax(1).numpy() == labels).mean())
+
+
+# ---------------------------------------------------------------------------- the world
+
+
+def test_stage_on_world(small_world: Path, compose_cfg) -> None:
+    cfg = compose_cfg("stage=evaluate", "evaluate.methods=[raw:clap,'expert3d=raw:uni3d']")
+    returned = train(cfg)
+    out = Path(cfg.evaluate.output_dir)
+    results = json.loads((out / "results.json").read_text())
+    assert list(results["methods"]) == ["raw:clap", "expert3d"]  # a spec or a given name
+    clap, uni3d = results["methods"]["raw:clap"], results["methods"]["expert3d"]
+    assert set(clap["retrieval"]) == {
+        f"{d}/R@{k}" for d in ("audio_to_text", "text_to_audio") for k in (1, 5)
+    }
+    assert set(clap["zeroshot"]) == {
+        "audio/world_audio/top1",
+        "audio/world_audio/top5",
+        "audio/world_audio_multilabel/mAP",
+    }
+    pairs = ("point_to_image", "image_to_point", "point_to_text", "text_to_point")
+    assert {k.split("/")[0] for k in uni3d["retrieval"]} == {
+        *pairs,
+        "image_to_text",
+        "text_to_image",
+    }
+    assert set(uni3d["zeroshot"]) == {
+        f"{m}/world_{m}/top{k}" for m in ("point", "image") for k in (1, 5)
+    }
+    # The numbers are the metric on the caches themselves.
+    audio = _load(small_world, "test_audio_text", "clap", "audio")
+    text = _load(small_world, "test_audio_text", "clap", "text")
+    items = torch.arange(len(audio))
+    direct = recall_at_k(text, audio, items, items, ks=(1, 5))
+    assert clap["retrieval"]["text_to_audio/R@1"] == pytest.approx(float(direct[1]), abs=1e-6)
+    assert clap["retrieval"]["text_to_audio/R@5"] == pytest.approx(float(direct[5]), abs=1e-6)
+    # Zero-shot: the class embedding is the re-normalised mean of normalised prompts.
+    assert clap["zeroshot"]["audio/world_audio/top1"] == pytest.approx(
+        _zeroshot_top1(small_world, "zs_audio", "clap", "audio"), abs=1e-6
+    )
+    top1 = _zeroshot_top1(small_world, "zs_image", "uni3d", "image")
+    assert uni3d["zeroshot"]["image/world_image/top1"] == pytest.approx(top1, abs=1e-6)
+    assert 0.2 < top1 < 0.9  # a 3D expert on photos: the check is not trivially 0 or 1
+    assert returned == pytest.approx(clap["summary"]["mean_R@1"], abs=1e-6)
+    assert clap["summary"] == {"mean_R@1": pytest.approx(np.mean([
+        clap["retrieval"]["audio_to_text/R@1"], clap["retrieval"]["text_to_audio/R@1"]]), abs=1e-6),
+        "directions": 2}  # fmt: skip
+    md = (out / "results.md").read_text()
+    assert "| `raw:clap` |" in md and "| `expert3d` |" in md
+    assert f"{100 * clap['retrieval']['audio_to_text/R@1']:.2f}" in md
+    assert "text→audio R@1" in md and "world_audio_multilabel mAP" in md
+
+
+def _random_bound(cfg, space: str, dims: dict[str, int]) -> Path:
+    """A bound-space export with random (untrained) projectors, as stage=bind writes it."""
+    torch.manual_seed(0)
+    anchor = {"image": 1536, "text": 1536}
+    model = BindModule(space, "eva_clip_18b", dims, anchor, {"mix": [0, 1, 2, 3]}, hidden_dim=16)
+    return export_bound_space(model.eval(), Path(cfg.evaluate.bound_dir) / space)
+
+
+def test_bound_method_projects_its_own_modalities(small_world: Path, compose_cfg) -> None:
+    cfg = compose_cfg("stage=evaluate")
+    _random_bound(cfg, "clap", {"audio": 512, "text": 512})
+    method = make_method("bound:clap", cfg)
+    assert method.modalities == ("audio", "text") and method.spaces == ["clap"]
+    emb = method.embed(small_world, "test_audio_text", "audio")
+    mixture, _ = load_bound_space(Path(cfg.evaluate.bound_dir) / "clap")
+    raw = torch.from_numpy(
+        EmbeddingCache(cache_dir(small_world, "test_audio_text", "clap", "audio")).load()
+    )
+    with torch.no_grad():
+        assert torch.allclose(emb, F.normalize(mixture(raw), dim=-1), atol=1e-5)
+    assert emb.shape[1] == 1536
+    scores = evaluate_method(method, load_benchmarks(small_world / "benchmarks_test.json"))
+    assert {k.split("/")[0] for k in scores["retrieval"]} == {"audio_to_text", "text_to_audio"}
+    with pytest.raises(CacheError, match="stage=bind space=uni3d"):
+        make_method("bound:uni3d", cfg)
+
+
+def test_omni_method_is_one_line_of_dispatch(small_world: Path, compose_cfg) -> None:
+    from lightning_modules.omni import OmniModel
+
+    cfg = compose_cfg("stage=evaluate")
+    spaces = {}
+    for name, dims in (
+        ("clap", {"audio": 512, "text": 512}),
+        ("imagebind", dict.fromkeys(("audio", "image", "text"), 1024)),
+    ):
+        spaces[name] = json.loads((_random_bound(cfg, name, dims) / "bound.json").read_text())
+    groups = {"audio": ["clap", "imagebind"], "image": ["imagebind", "eva_clip_18b"],
+              "text": ["clap", "imagebind", "eva_clip_18b"]}  # fmt: skip
+    predictors = {"audio": ["clap"], "image": ["imagebind"], "text": ["clap", "imagebind"]}
+    meta = dict(kind="routed", anchor="eva_clip_18b", groups=groups, predictors=predictors,
+                predictor_dims={"audio": 512, "image": 1024, "text": 1536},
+                scales={"audio": 1.0, "image": 1.0, "text": 10.0}, spaces=spaces)  # fmt: skip
+    OmniModel(meta).eval().save(Path(cfg.evaluate.omni_dir) / "tiny")
+    bench = load_benchmarks(small_world / "benchmarks_test.json")
+    for spec in ("omni:tiny", "omni:tiny:average"):
+        method = make_method(spec, cfg)
+        assert method.modalities == ("audio", "image", "text")
+        assert set(method.spaces) == {"clap", "imagebind", "eva_clip_18b"}
+        scores = evaluate_method(method, bench)
+        directions = {k.split("/")[0] for k in scores["retrieval"]}
+        assert directions == {
+            f"{a}_to_{b}"
+            for a in ("audio", "image", "text")
+            for b in ("audio", "image", "text")
+            if a != b
+        }
+        assert "image/world_image/top1" in scores["zeroshot"]
+    assert make_method("avg=omni:tiny:average", cfg).name == "avg"
+    with pytest.raises(ValueError, match="weighting 'mean'"):
+        make_method("omni:tiny:mean", cfg)
+    with pytest.raises(ValueError, match="kind in"):
+        make_method("proj:clap", cfg)
+
+
+@pytest.mark.slow
+def test_stage_logs_a_wandb_table(small_world: Path, compose_cfg) -> None:
+    cfg = compose_cfg("stage=evaluate", "evaluate.methods=[raw:clap]", "logger=wandb")
+    train(cfg)
+    tables = list(Path(cfg.run_dir).glob("wandb/offline-run-*/files/media/table/evaluate/*.json"))
+    assert len(tables) == 1, "no W&B table was logged"
+    table = json.loads(tables[0].read_text())
+    results = json.loads((Path(cfg.evaluate.output_dir) / "results.json").read_text())
+    r1 = results["methods"]["raw:clap"]["retrieval"]["audio_to_text/R@1"]
+    assert table["columns"][:2] == ["method", "audio_to_text/R@1"]
+    assert table["data"][0][:2] == ["raw:clap", pytest.approx(100 * r1)]
+    # An offline run keeps its summary inside the binary run file.
+    run_file = next(Path(cfg.run_dir).glob("wandb/offline-run-*/*.wandb")).read_bytes()
+    assert b"evaluate/raw:clap/retrieval/audio_to_text/R@1" in run_file
+
+
+# ---------------------------------------------------------------------------- hand-made benchmarks
+
+
+def _write(root: Path, dataset: str, modality: str, emb: np.ndarray, ids: np.ndarray | None = None,
+           **extras: np.ndarray) -> None:  # fmt: skip
+    ids = np.arange(len(emb)) if ids is None else ids
+    directory = cache_dir(root, dataset, "clap", modality)
+    writer = CacheWriter(
+        directory, space="clap", modality=modality, dim=DIM, dtype="float32", overwrite=True
+    )
+    if len(emb):
+        writer.append(emb.astype(np.float32), ids, **extras)
+    writer.close()
+
+
+def _manifest(root: Path, spec: dict, name: str = "bench.json") -> Path:
+    path = root / name
+    path.write_text(json.dumps({"root": ".", **spec}))
+    return path
+
+
+@pytest.fixture
+def handmade(tmp_path: Path) -> Path:
+    """Audio items with 3 captions each (ids 100..), a zero-shot set and a multi-label set."""
+    rng = np.random.default_rng(0)
+    n, caps, classes = 20, 3, 3
+    audio = rng.standard_normal((n, DIM))
+    text = np.repeat(audio, caps, 0) + 12 * rng.standard_normal((n * caps, DIM))
+    _write(tmp_path, "caps", "audio", audio, ids=100 + np.arange(n))
+    _write(tmp_path, "caps", "text", text, items=100 + np.repeat(np.arange(n), caps))
+    centers = rng.standard_normal((classes, DIM))
+    labels = np.arange(30) % classes
+    _write(
+        tmp_path,
+        "zs",
+        "audio",
+        centers[labels] + 1.5 * rng.standard_normal((30, DIM)),
+        labels=labels,
+    )
+    prompt_labels = np.repeat(np.arange(classes), 2)
+    _write(
+        tmp_path,
+        "zs",
+        "text",
+        centers[prompt_labels] + 0.5 * rng.standard_normal((6, DIM)),
+        labels=prompt_labels,
+    )
+    multi = np.zeros((30, classes), np.uint8)
+    multi[np.arange(30), labels] = 1
+    multi[np.arange(0, 30, 4), (labels[::4] + 1) % classes] = 1
+    _write(
+        tmp_path,
+        "zs_ml",
+        "audio",
+        centers.T.dot(multi.T).T + rng.standard_normal((30, DIM)),
+        labels=multi,
+    )
+    _write(tmp_path, "zs_ml", "text", centers[prompt_labels], labels=prompt_labels)
+    return tmp_path
+
+
+SPEC = dict(
+    retrieval=[dict(name="caps", dataset="caps", modalities=["audio", "text"])],
+    zeroshot=[dict(name="zs", dataset="zs", modality="audio", classnames=["dog", "rain", "bell"]),
+              dict(name="zs_ml", dataset="zs_ml", modality="audio", multilabel=True)],
+)  # fmt: skip
+
+
+def test_multi_caption_benchmark_matches_a_full_sort(handmade: Path, compose_cfg) -> None:
+    method, bench = (
+        make_method("raw:clap", compose_cfg()),
+        load_benchmarks(_manifest(handmade, SPEC)),
+    )
+    scores = evaluate_method(method, bench, ks=(1, 5), chunk=7)
+    audio, text = _load(handmade, "caps", "clap", "audio"), _load(handmade, "caps", "clap", "text")
+    a_items = torch.arange(100, 120)
+    t_items = torch.from_numpy(
+        EmbeddingCache(cache_dir(handmade, "caps", "clap", "text")).extra("items")
+    )
+    for k in (1, 5):
+        # audio->text: one query per item, a hit is any of its 3 captions; text->audio: per caption.
+        a2t = _stable_recall(audio, text, a_items, t_items, k)
+        t2a = _stable_recall(text, audio, t_items, a_items, k)
+        assert scores["retrieval"][f"audio_to_text/R@{k}"] == pytest.approx(a2t, abs=1e-6)
+        assert scores["retrieval"][f"text_to_audio/R@{k}"] == pytest.approx(t2a, abs=1e-6)
+    assert 0 < scores["retrieval"]["text_to_audio/R@1"] < 1
+    # A caption gallery deduplicated by item (first caption only) scores differently: the data
+    # tells the two semantics apart.
+    first = torch.arange(0, 60, 3)
+    deduped = [_stable_recall(audio, text[first], a_items, t_items[first], k) for k in (1, 5)]
+    assert deduped != [scores["retrieval"][f"audio_to_text/R@{k}"] for k in (1, 5)]
+    assert set(scores["zeroshot"]) == {"audio/zs/top1", "audio/zs/top5", "audio/zs_ml/mAP"}
+    assert scores["zeroshot"]["audio/zs/top5"] == 1.0  # 3 classes: every item is in the top 5
+    assert 0 < scores["zeroshot"]["audio/zs_ml/mAP"] <= 1
+
+
+def test_yaml_manifest_and_repeated_pairs(handmade: Path, compose_cfg) -> None:
+    spec = dict(
+        retrieval=[
+            *SPEC["retrieval"],
+            dict(name="caps2", dataset="caps", modalities=["text", "audio"]),
+        ]
+    )
+    spec["retrieval"][1]["modalities"] = ["audio", "text"]
+    path = handmade / "bench.yaml"
+    OmegaConf.save(OmegaConf.create({"root": ".", **spec}), path)
+    scores = evaluate_method(make_method("raw:clap", compose_cfg()), load_benchmarks(path))
+    # Two benchmarks of one pair are told apart by name instead of overwriting each other.
+    assert (
+        "audio_to_text/caps/R@1" in scores["retrieval"]
+        and "audio_to_text/caps2/R@1" in scores["retrieval"]
+    )
+
+
+def test_stage_with_a_manifest_path(handmade: Path, small_world: Path, compose_cfg) -> None:
+    cfg = compose_cfg("stage=evaluate", "evaluate.methods=[raw:clap]",
+                      f"evaluate.benchmarks={_manifest(handmade, SPEC)}")  # fmt: skip
+    train(cfg)
+    results = json.loads((Path(cfg.evaluate.output_dir) / "results.json").read_text())
+    assert set(results["methods"]["raw:clap"]["zeroshot"]) == {
+        "audio/zs/top1",
+        "audio/zs/top5",
+        "audio/zs_ml/mAP",
+    }
+
+
+def test_zeroshot_prompts() -> None:
+    texts, labels, template = zeroshot_prompts(["dog", "rain"], ["a {}.", "the sound of {}"])
+    assert texts == ["a dog.", "the sound of dog", "a rain.", "the sound of rain"]
+    assert labels.tolist() == [0, 0, 1, 1] and template.tolist() == [0, 1, 0, 1]
+    with pytest.raises(ValueError, match="needs a|need a"):
+        zeroshot_prompts(["dog"], ["no placeholder"])
+
+
+# ---------------------------------------------------------------------------- bad input
+
+
+def _score(root: Path, compose_cfg, spec: dict) -> dict:
+    return evaluate_method(
+        make_method("raw:clap", compose_cfg()), load_benchmarks(_manifest(root, spec))
+    )
+
+
+def test_labels_out_of_range(handmade: Path, compose_cfg) -> None:
+    _write(handmade, "zs_bad", "audio", np.ones((4, DIM)), labels=np.array([0, 1, 2, 3]))
+    _write(handmade, "zs_bad", "text", np.ones((3, DIM)), labels=np.array([0, 1, 2]))
+    spec = dict(zeroshot=[dict(name="bad", dataset="zs_bad", modality="audio")])
+    with pytest.raises(CacheError, match=r"'bad'.*zs_bad.*outside \[0, 3\) \(e\.g\. \[3\]\)"):
+        _score(handmade, compose_cfg, spec)
+    spec["zeroshot"][0]["multilabel"] = True
+    with pytest.raises(CacheError, match=r"multi-label needs \(n, 3\)"):
+        _score(handmade, compose_cfg, spec)
+
+
+def test_prompts_must_cover_every_class(handmade: Path, compose_cfg) -> None:
+    spec = dict(
+        zeroshot=[dict(name="zs", dataset="zs", modality="audio", classnames=["a", "b", "c", "d"])]
+    )
+    with pytest.raises(CacheError, match=r"no prompt for \[3\]"):
+        _score(handmade, compose_cfg, spec)
+
+
+def test_caption_mapping_that_does_not_match(handmade: Path, compose_cfg) -> None:
+    items = 100 + np.repeat(np.arange(20), 3)
+    items[5] = 999
+    _write(handmade, "caps_bad", "audio", np.ones((20, DIM)), ids=100 + np.arange(20))
+    _write(handmade, "caps_bad", "text", np.ones((60, DIM)), items=items)
+    spec = dict(retrieval=[dict(name="bad", dataset="caps_bad", modalities=["audio", "text"])])
+    with pytest.raises(
+        CacheError, match=r"'bad': 1 of 60 text rows in .*caps_bad.*\[999\].*mapping"
+    ):
+        _score(handmade, compose_cfg, spec)
+    spec["retrieval"][0]["items"] = {"text": "captions"}  # an extra the cache does not have
+    with pytest.raises(CacheError, match="has no 'captions' array"):
+        _score(handmade, compose_cfg, spec)
+
+
+def test_empty_benchmarks(handmade: Path, compose_cfg) -> None:
+    with pytest.raises(ValueError, match="bench.json: the manifest is empty"):
+        _score(handmade, compose_cfg, dict(retrieval=[], zeroshot=[]))
+    _write(handmade, "nothing", "audio", np.zeros((0, DIM)))
+    _write(handmade, "nothing", "text", np.zeros((0, DIM)))
+    spec = dict(retrieval=[dict(name="void", dataset="nothing", modalities=["audio", "text"])])
+    with pytest.raises(ValueError, match=r"'void': nothing/audio is empty \(0 rows\)"):
+        _score(handmade, compose_cfg, spec)
+
+
+def test_manifest_typos_are_named(handmade: Path, compose_cfg) -> None:
+    spec = dict(retrieval=[dict(name="caps", dataset="caps", modalities=["audio", "txt"])])
+    with pytest.raises(ValueError, match=r"unknown modality 'txt' in .*retrieval\[0\]"):
+        _score(handmade, compose_cfg, spec)
+    spec = dict(zeroshot=[dict(name="zs", dataset="zs", modality="audio", multi_label=True)])
+    with pytest.raises(ValueError, match=r"zeroshot\[0\] has unknown keys \['multi_label'\]"):
+        _score(handmade, compose_cfg, spec)
+    with pytest.raises(FileNotFoundError, match="nowhere.json"):
+        load_benchmarks(handmade / "nowhere.json")
