@@ -303,7 +303,7 @@ def _dataset_modalities(name: str) -> tuple[str, ...]:
 WORLD_KEYS = (
     "seed", "n_concepts", "n_val_concepts", "n_test_concepts", "pool_size", "text_provenance",
     "render_fraction", "instance_noise", "observation_noise", "style_noise", "style_norm",
-    "specialization", "per_concept", "zeroshot", "oracle_tuples",
+    "specialization", "per_concept", "zeroshot",
 )  # fmt: skip
 
 
@@ -361,7 +361,7 @@ def ensure_world(cfg: Mapping, spaces: Mapping[str, Mapping]) -> Path:
 def _write_oracle_tuples(cfg: Mapping, root: Path) -> None:
     """Ground-truth tuples: one pool item per modality, all of one concept (an upper bound)."""
     path = root / "tuples" / "oracle.npz"
-    fp = fingerprint(cfg)
+    fp = f"{fingerprint(cfg)}-{int(cfg['oracle_tuples'])}"  # the count decides only this file
     if cache_is_complete(path.parent, fp) and path.exists():
         return
     world = World(cfg, {})
