@@ -37,8 +37,8 @@ def job_run_name(cfg: DictConfig, hydra_cfg: DictConfig) -> str:
     """run_name of this job: each W&B sweep run and Hydra multirun job gets a run dir of its own.
 
     A sweep run appends its W&B run id; a multirun job appends its own overrides (those in
-    OPERATIONAL left out), or their hash when that is long, so rerunning the same multirun with
-    resume=true finds each job's run again.
+    OPERATIONAL left out; their hash when long, its job number when none), so rerunning the same
+    multirun with resume=true finds each job's run again.
     """
     name = cfg.run_name
     run_id = os.environ.get("WANDB_RUN_ID")

@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import secrets
+import shutil
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -186,21 +187,34 @@ def _last_checkpoint(cfg: DictConfig) -> Path | None:
     return last if cfg.resume and last.exists() else None
 
 
+def _clear_checkpoints(cfg: DictConfig) -> None:
+    """A fresh run starts over: an earlier attempt's checkpoints must not pass for this run's."""
+    stale = Path(cfg.run_dir) / "checkpoints"
+    # Only the first process: Lightning-launched DDP ranks start later, during fit.
+    if (
+        stale.exists()
+        and os.environ.get("LOCAL_RANK", "0") == "0"
+        and os.environ.get("NODE_RANK", "0") == "0"
+    ):
+        log.info("starting %s fresh: removing the earlier checkpoints in %s", cfg.run_name, stale)
+        shutil.rmtree(stale)
+
+
 def resume_checkpoint(cfg: DictConfig, model: L.LightningModule | None = None) -> str | None:
     """last.ckpt of this run when resume=true and it exists; says so either way.
 
     With `model`, the checkpoint's saved hyperparameters must equal the model's (ValueError
     naming the checkpoint and every mismatch otherwise).
     """
-    if not cfg.resume:
-        return None
     last = _last_checkpoint(cfg)
     if last is None:
-        log.warning(
-            "resume=true but %s does not exist: starting %s fresh",
-            Path(cfg.run_dir) / "checkpoints" / "last.ckpt",
-            cfg.run_name,
-        )
+        if cfg.resume:
+            log.warning(
+                "resume=true but %s does not exist: starting %s fresh",
+                Path(cfg.run_dir) / "checkpoints" / "last.ckpt",
+                cfg.run_name,
+            )
+        _clear_checkpoints(cfg)
         return None
     if model is not None:
         check_compatible(last, model)
