@@ -394,6 +394,7 @@ def _cli(world_cfg: DictConfig, out: Path, *overrides: str) -> list[str]:
 
 KILLER = """
 import os, runpy, signal, sys
+import psutil
 sys.path.insert(0, {repo!r})
 import lightning as L
 import lightning_modules.bind as bind
@@ -402,6 +403,10 @@ import lightning_modules.bind as bind
 class KillMidEpoch(L.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if trainer.current_epoch == 1 and batch_idx == 2:
+            # Like a preemption: every process of the job dies, W&B's service child included
+            # (an orphaned service would keep holding the run id).
+            for child in psutil.Process().children(recursive=True):
+                child.kill()
             os.kill(os.getpid(), signal.SIGKILL)
 
 
