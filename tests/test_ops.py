@@ -375,7 +375,10 @@ def test_a_bind_sweep_proposal_runs_with_fast_dev_run(small_world, compose_cfg, 
 
 
 def _env(**extra: str) -> dict[str, str]:
-    return {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+    # Without WANDB_SERVICE: an earlier in-process wandb.init exports it, and a subprocess would
+    # then share that service, where a killed run's id stays "in use".
+    env = {k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"}
+    return {**env, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
             "HYDRA_FULL_ERROR": "1", **extra}  # fmt: skip
 
 

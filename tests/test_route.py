@@ -145,7 +145,8 @@ def test_default_command_runs_and_shows_the_papers_claims(tmp_path: Path) -> Non
     It must show: routed beats fixed-weight averaging on mean R@1 over the 12 directions, and
     lambda=3 beats lambda=0 on the text-involving directions.
     """
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
+    env = {k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"}  # see test_ops._env
+    env |= {"HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
     cmd = [sys.executable, str(REPO / "train.py"), f"paths.output_dir={tmp_path}",
            "trainer.enable_progress_bar=false"]  # fmt: skip
     done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
