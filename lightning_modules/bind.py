@@ -11,7 +11,6 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
@@ -23,9 +22,8 @@ from datamodules.embeddings import EmbeddingDataModule
 from datamodules.modalities import LETTERS, MODALITIES, PAIRS
 from lightning_modules.common import (
     ensure_data,
-    make_trainer,
+    fit_best,
     pairs_source,
-    resume_checkpoint,
     to_plain,
     tuples_path,
 )
@@ -288,23 +286,13 @@ def run(cfg: DictConfig) -> float:
         warmup_fraction=cfg.bind.warmup_fraction,
         val_pairs=val_pairs,
     )
-    ckpt = ModelCheckpoint(
-        dirpath=Path(cfg.run_dir) / "checkpoints",
-        filename="best",
-        monitor="val/mean_R@1",
-        mode="max",
-        save_last=True,
-    )
-    resume = resume_checkpoint(cfg, model)  # checked before the logger reconnects a run
-    trainer = make_trainer(cfg, cfg.bind.epochs, [ckpt])
-    trainer.fit(model, dm, ckpt_path=resume)
-    best = BindModule.load_from_checkpoint(ckpt.best_model_path) if ckpt.best_model_path else model
+    trainer, best, score = fit_best(cfg, model, dm, cfg.bind.epochs)
     if trainer.is_global_zero:
         export_bound_space(
             best,
             cfg.bind.export_dir,
-            best_val_mean_R1=float(ckpt.best_model_score or 0),
+            best_val_mean_R1=score,
             pairs=pairs_source(cfg, cfg.bind.pairs),
         )
         log.info("bound space %s exported to %s", space.name, cfg.bind.export_dir)
-    return float(ckpt.best_model_score or 0.0)
+    return score

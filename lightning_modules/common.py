@@ -16,6 +16,7 @@ import torch
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from lightning.pytorch.strategies.launchers import _SubprocessScriptLauncher
 from lightning.pytorch.utilities import rank_zero_only
@@ -179,6 +180,22 @@ def make_trainer(cfg: DictConfig, epochs: int, callbacks: list, logger=None) -> 
             "a W&B sweep."
         )
     return trainer
+
+
+def fit_best(
+    cfg: DictConfig, model: L.LightningModule, datamodule: L.LightningDataModule, epochs: int
+) -> tuple[L.Trainer, L.LightningModule, float]:
+    """Fit (resuming when asked), keeping last.ckpt and best.ckpt by val/mean_R@1.
+
+    Returns the trainer, the best model (reloaded from best.ckpt) and its val/mean_R@1.
+    """
+    ckpt = ModelCheckpoint(dirpath=Path(cfg.run_dir) / "checkpoints", filename="best",
+                           monitor="val/mean_R@1", mode="max", save_last=True)  # fmt: skip
+    resume = resume_checkpoint(cfg, model)  # checked before the logger reconnects a run
+    trainer = make_trainer(cfg, epochs, [ckpt])
+    trainer.fit(model, datamodule, ckpt_path=resume)
+    best = type(model).load_from_checkpoint(ckpt.best_model_path) if ckpt.best_model_path else model
+    return trainer, best, float(ckpt.best_model_score or 0.0)
 
 
 def _last_checkpoint(cfg: DictConfig) -> Path | None:

@@ -15,7 +15,6 @@ import lightning as L
 import matplotlib
 import numpy as np
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig
 from torch import nn
 from torchmetrics import MeanMetric
@@ -26,8 +25,7 @@ from datamodules.modalities import MODALITIES, PAIRS, PROVENANCES
 from lightning_modules.bind import EXPORT_WEIGHTS, load_bound_space
 from lightning_modules.common import (
     ensure_data,
-    make_trainer,
-    resume_checkpoint,
+    fit_best,
     space_configs,
     to_plain,
     tuples_path,
@@ -321,17 +319,7 @@ def run(cfg: DictConfig) -> float:
         weight_decay=cfg.route.weight_decay,
         val_pairs=val_pairs,
     )
-    ckpt = ModelCheckpoint(
-        dirpath=Path(cfg.run_dir) / "checkpoints",
-        filename="best",
-        monitor="val/mean_R@1",
-        mode="max",
-        save_last=True,
-    )
-    resume = resume_checkpoint(cfg, model)  # checked before the logger reconnects a run
-    trainer = make_trainer(cfg, cfg.route.epochs, [ckpt])
-    trainer.fit(model, dm, ckpt_path=resume)
-    best = RouteModule.load_from_checkpoint(ckpt.best_model_path) if ckpt.best_model_path else model
+    trainer, best, score = fit_best(cfg, model, dm, cfg.route.epochs)
     if trainer.is_global_zero:
         meta = dict(
             variant=cfg.variant.name,
@@ -344,7 +332,7 @@ def run(cfg: DictConfig) -> float:
             specialty=layout["specialty"],
             spaces={name: b[1] for name, b in bound.items()},
             lambda_dec=cfg.loss.lambda_dec,
-            best_val_mean_R1=float(ckpt.best_model_score or 0),
+            best_val_mean_R1=score,
         )
         omni = OmniModel(meta, cfg.route.kind)
         for name, (mixture, _) in bound.items():
@@ -358,4 +346,4 @@ def run(cfg: DictConfig) -> float:
         if logger is not None and hasattr(logger, "log_image"):
             logger.log_image(key="router_weights", images=[str(png)])
         log.info("omni model (%s) exported to %s", cfg.route.kind, cfg.route.export_dir)
-    return float(ckpt.best_model_score or 0.0)
+    return score

@@ -25,7 +25,7 @@ from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig, open_dict
 from wandb.sdk.launch.sweeps.utils import create_sweep_command_args
 
-from lightning_modules import bind
+from lightning_modules import common
 from lightning_modules.bind import BindModule
 from lightning_modules.common import (
     WANDB_ID_FILE,
@@ -228,10 +228,10 @@ def test_a_crashed_run_resumes_to_the_uninterrupted_result(small_world, compose_
     args = (*BIND, "bind.epochs=3")
     whole = compose_cfg(*args, "run_name=whole")
     train(whole)
-    make = bind.make_trainer
+    make = common.make_trainer
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(
-            bind, "make_trainer", lambda c, e, cbs, logger=None: make(c, e, [*cbs, _Crash()])
+            common, "make_trainer", lambda c, e, cbs, logger=None: make(c, e, [*cbs, _Crash()])
         )
         with pytest.raises(RuntimeError, match="crash"):
             train(compose_cfg(*args, "run_name=crashed"))
@@ -400,7 +400,7 @@ import os, runpy, signal, sys
 import psutil
 sys.path.insert(0, {repo!r})
 import lightning as L
-import lightning_modules.bind as bind
+import lightning_modules.common as common
 
 
 class KillMidEpoch(L.Callback):
@@ -413,8 +413,8 @@ class KillMidEpoch(L.Callback):
             os.kill(os.getpid(), signal.SIGKILL)
 
 
-make_trainer = bind.make_trainer
-bind.make_trainer = lambda cfg, epochs, callbacks, logger=None: make_trainer(
+make_trainer = common.make_trainer
+common.make_trainer = lambda cfg, epochs, callbacks, logger=None: make_trainer(
     cfg, epochs, [*callbacks, KillMidEpoch()], logger
 )
 sys.argv[0] = os.path.join({repo!r}, "train.py")
