@@ -68,9 +68,9 @@ def _step(model: BindModule, batch: dict) -> torch.Tensor:
 
 def test_info_nce_matches_the_formula() -> None:
     a, b, t = _unit(6, 5, seed=0).double(), _unit(6, 5, seed=1).double(), 0.07
-    s = a @ b.T / t
-    a_to_b = -sum(s[i, i] - math.log(sum(math.exp(s[i, j]) for j in range(6))) for i in range(6))
-    b_to_a = -sum(s[i, i] - math.log(sum(math.exp(s[j, i]) for j in range(6))) for i in range(6))
+    s = (a @ b.T / t).tolist()  # plain floats: pytest.approx takes numbers, not tensors
+    a_to_b = -sum(s[i][i] - math.log(sum(math.exp(s[i][j]) for j in range(6))) for i in range(6))
+    b_to_a = -sum(s[i][i] - math.log(sum(math.exp(s[j][i]) for j in range(6))) for i in range(6))
     expected = 0.5 * (a_to_b + b_to_a) / 6
     assert info_nce(a, b, t).item() == pytest.approx(expected, rel=1e-10)
     # Aligned pairs at a low temperature cost almost nothing; shuffled ones a lot.
