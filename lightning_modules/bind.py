@@ -14,7 +14,6 @@ import torch
 from omegaconf import DictConfig
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
-from torch import nn
 from torchmetrics import MeanMetric
 
 from datamodules.cache import CacheError, atomic_write, atomic_write_json, sha256_file
@@ -28,7 +27,7 @@ from lightning_modules.common import (
     tuples_path,
 )
 from lightning_modules.losses import info_nce
-from lightning_modules.metrics import RetrievalRecall
+from lightning_modules.metrics import compute_directions, direction_metrics
 from lightning_modules.models import ProjectorMixture
 
 log = logging.getLogger(__name__)
@@ -113,13 +112,7 @@ class BindModule(L.LightningModule):
             for n in anchor_dims
         }
         self.val_pairs = [tuple(p) for p in val_pairs]
-        self.recall = nn.ModuleDict(
-            {
-                f"{q}_to_{t}": RetrievalRecall()
-                for a, b in self.val_pairs
-                for q, t in ((a, b), (b, a))
-            }
-        )
+        self.recall = direction_metrics(self.val_pairs)
         self.val_loss = MeanMetric()
 
     def embed(self, emb: dict[str, dict[str, torch.Tensor]], modality: str) -> torch.Tensor:
@@ -166,15 +159,10 @@ class BindModule(L.LightningModule):
         self.val_loss.update(info_nce(ea, eb, self.hparams.temperature), weight=len(ids))
 
     def on_validation_epoch_end(self) -> None:
-        r1 = []
-        for direction, metric in self.recall.items():
-            values = metric.compute()
-            for k, v in values.items():
-                self.log(f"val/{direction}/{k}", v)
-            r1.append(values["R@1"])
-            metric.reset()
-        if r1:
-            self.log("val/mean_R@1", torch.stack(r1).mean(), prog_bar=True)
+        scores = compute_directions(self.recall)
+        if "val/mean_R@1" in scores:
+            self.log("val/mean_R@1", scores.pop("val/mean_R@1"), prog_bar=True)
+        self.log_dict(scores)
         self.log("val/loss", self.val_loss.compute())
         self.val_loss.reset()
 

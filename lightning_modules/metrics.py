@@ -221,3 +221,23 @@ class MeanAveragePrecision(MultilabelAveragePrecision):
     def compute(self) -> torch.Tensor:  # type: ignore[override]
         per_class = super().compute()
         return torch.nan_to_num(per_class, nan=0.0).clamp(min=0.0).mean()
+
+
+def direction_metrics(pairs: list[tuple[str, str]]) -> torch.nn.ModuleDict:
+    """A RetrievalRecall per direction `<q>_to_<t>`, both ways of every modality pair."""
+    return torch.nn.ModuleDict(
+        {f"{q}_to_{t}": RetrievalRecall() for a, b in pairs for q, t in ((a, b), (b, a))}
+    )
+
+
+def compute_directions(metrics: torch.nn.ModuleDict, prefix: str = "val") -> dict:
+    """{`<prefix>/<direction>/R@K`: value, `<prefix>/mean_R@1`: mean}; resets the metrics."""
+    out, r1 = {}, []
+    for direction, metric in metrics.items():
+        values = metric.compute()
+        out |= {f"{prefix}/{direction}/{k}": v for k, v in values.items()}
+        r1.append(values["R@1"])
+        metric.reset()
+    if r1:
+        out[f"{prefix}/mean_R@1"] = torch.stack(r1).mean()
+    return out

@@ -16,7 +16,6 @@ import matplotlib
 import numpy as np
 import torch
 from omegaconf import DictConfig
-from torch import nn
 from torchmetrics import MeanMetric
 
 from datamodules.cache import CacheError, CacheWriter, EmbeddingCache, cache_dir, read_manifest
@@ -31,7 +30,7 @@ from lightning_modules.common import (
     tuples_path,
 )
 from lightning_modules.losses import alignment_loss, decoupling_loss, info_nce
-from lightning_modules.metrics import RetrievalRecall
+from lightning_modules.metrics import compute_directions, direction_metrics
 from lightning_modules.omni import OmniModel, combine, make_routers, specialty_labels
 
 matplotlib.use("Agg")
@@ -156,13 +155,7 @@ class RouteModule(L.LightningModule):
         self.routers = make_routers(kind, predictor_dims, groups)
         self.scales = {m: float((scales or {}).get(m, 1.0)) for m in groups}
         self.val_pairs = [tuple(p) for p in val_pairs]
-        self.recall = nn.ModuleDict(
-            {
-                f"{q}_to_{t}": RetrievalRecall()
-                for a, b in self.val_pairs
-                for q, t in ((a, b), (b, a))
-            }
-        )
+        self.recall = direction_metrics(self.val_pairs)
         self.val_loss = MeanMetric()
         self._weights: dict[str, list[torch.Tensor]] = {}
 
@@ -216,14 +209,10 @@ class RouteModule(L.LightningModule):
             self._weights.setdefault(key, []).append(w.detach().float().mean(0))
 
     def on_validation_epoch_end(self) -> None:
-        r1 = []
-        for direction, metric in self.recall.items():
-            values = metric.compute()
-            for k, v in values.items():
-                self.log(f"val/{direction}/{k}", v)
-            r1.append(values["R@1"])
-            metric.reset()
-        self.log("val/mean_R@1", torch.stack(r1).mean(), prog_bar=True)
+        scores = compute_directions(self.recall)
+        if "val/mean_R@1" in scores:
+            self.log("val/mean_R@1", scores.pop("val/mean_R@1"), prog_bar=True)
+        self.log_dict(scores)
         self.log("val/loss", self.val_loss.compute())
         self.val_loss.reset()
         self.mean_weights = {k: torch.stack(v).mean(0).cpu() for k, v in self._weights.items()}
