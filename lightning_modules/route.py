@@ -231,7 +231,11 @@ class RouteModule(L.LightningModule):
 def weight_heatmap(
     mean_weights: dict[str, torch.Tensor], groups: dict[str, list[str]], path: Path
 ) -> Path:
-    """PNG heatmap: rows are modalities and text provenances, columns are groups (spaces)."""
+    """PNG heatmap: rows are modalities and text provenances, columns are groups (spaces).
+
+    The weights are the last validation epoch's (the per-epoch values are logged as router/*),
+    which need not be the epoch of the exported, best checkpoint.
+    """
     import matplotlib.pyplot as plt
 
     rows = [k for k in [*MODALITIES[:3], *(f"text/{p}" for p in PROVENANCES)] if k in mean_weights]
@@ -256,7 +260,7 @@ def weight_heatmap(
                 fontsize=8,
             )
     fig.colorbar(im, ax=ax, label="mean router weight")
-    ax.set_title("router weights per modality and text provenance")
+    ax.set_title("router weights on the validation sets, last epoch")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
