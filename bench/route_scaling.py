@@ -17,7 +17,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from datamodules.modalities import MODALITIES, PROVENANCES
+from encoders.modalities import MODALITIES, PROVENANCES
 from lightning_modules.route import PROJECTED, RouteModule
 
 torch.set_num_threads(2)

@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from datamodules.modalities import check_modality
+from encoders.modalities import check_modality
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1

@@ -16,8 +16,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from datamodules.cache import CacheError, EmbeddingCache, cache_dir
-from datamodules.modalities import MODALITIES
 from datamodules.tuples import load_tuples
+from encoders.modalities import MODALITIES
 
 Needs = Iterable[tuple[str, str]]  # (space, modality) pairs a model reads
 

@@ -48,8 +48,8 @@ from datamodules.cache import (
     finalize,
     read_manifest,
 )
-from datamodules.modalities import PROVENANCES, check_modality
 from encoders.base import Processor
+from encoders.modalities import PROVENANCES, check_modality
 from encoders.video import frame_indices
 
 log = logging.getLogger(__name__)

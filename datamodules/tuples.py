@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from datamodules.cache import CacheError, atomic_write
-from datamodules.modalities import MODALITIES, PROVENANCES
+from encoders.modalities import MODALITIES, PROVENANCES
 
 COLUMNS = (*MODALITIES, "start", "provenance")
 

@@ -33,8 +33,8 @@ from datamodules.cache import (
     cache_is_complete,
     read_manifest,
 )
-from datamodules.modalities import MODALITIES, PAIRS, PROVENANCES
 from datamodules.tuples import save_tuples
+from encoders.modalities import MODALITIES, PAIRS, PROVENANCES
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from datamodules.modalities import check_modality
+from encoders.modalities import check_modality
 
 
 class Processor:

@@ -18,7 +18,7 @@ from torchmetrics import MeanMetric
 
 from datamodules.cache import CacheError, atomic_write, atomic_write_json, sha256_file
 from datamodules.embeddings import EmbeddingDataModule
-from datamodules.modalities import LETTERS, MODALITIES, PAIRS
+from encoders.modalities import LETTERS, MODALITIES, PAIRS
 from lightning_modules.common import (
     ensure_data,
     fit_best,

@@ -52,7 +52,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
 from datamodules.cache import CacheError, EmbeddingCache, atomic_write, atomic_write_json, cache_dir
-from datamodules.modalities import MODALITIES, check_modality
+from encoders.modalities import MODALITIES, check_modality
 from lightning_modules.common import ensure_data, make_logger, space_configs
 from lightning_modules.metrics import MeanAveragePrecision, RetrievalRecall, ZeroShotAccuracy
 

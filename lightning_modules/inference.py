@@ -28,15 +28,9 @@ import torch
 import torch.nn.functional as F
 
 from datamodules.cache import CacheError, CacheWriter, EmbeddingCache, cache_dir, sha256_file
-from datamodules.modalities import MODALITIES, check_modality
+from encoders.modalities import MODALITIES, check_modality, resolve_device
 from lightning_modules.omni import EXPORT_WEIGHTS, WEIGHTINGS, OmniModel, modalities_of
 from lightning_modules.pair import pool_rows, search
-
-
-def _device(device: str | torch.device) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 class OmniBind:
@@ -55,7 +49,7 @@ class OmniBind:
     ) -> None:
         if weighting not in WEIGHTINGS:
             raise ValueError(f"weighting is {weighting!r}; expected one of {list(WEIGHTINGS)}")
-        self.device = _device(device)
+        self.device = resolve_device(device)
         self.model = model.eval().to(self.device)
         self.directory: Path | None = None  # the export it was loaded from, if any
         self.encoders = dict(encoders or {})

@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from datamodules.cache import CacheError, EmbeddingCache, atomic_write, atomic_write_json, cache_dir
-from datamodules.modalities import MODALITIES, PROVENANCES
+from encoders.modalities import MODALITIES, PROVENANCES
 from lightning_modules.models import ProjectorMixture, Router
 
 EXPORT_WEIGHTS, EXPORT_META = "omni.safetensors", "omni.json"

@@ -25,8 +25,8 @@ from omegaconf import DictConfig
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from datamodules.cache import CacheError, EmbeddingCache, atomic_write_json, cache_dir
-from datamodules.modalities import MODALITIES, PROVENANCES, check_modality
 from datamodules.tuples import save_tuples
+from encoders.modalities import MODALITIES, PROVENANCES, check_modality, resolve_device
 from lightning_modules.common import ensure_data, space_configs, to_plain
 
 log = logging.getLogger(__name__)
@@ -131,11 +131,6 @@ def _check_inputs(queries: Array, gallery: Array, k: int) -> None:
         raise ValueError(f"topk={k} must be in [1, gallery size {len(gallery)}]")
 
 
-def _device(device: str | torch.device) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
 
 def search_torch(
     a: Array,
@@ -160,7 +155,7 @@ def search_torch(
         _check_inputs(a, b, k)
     if b_to_a:
         _check_inputs(b, a, k)
-    dev = _device(device)
+    dev = resolve_device(device)
     n_a, n_b = len(a), len(b)
     out = {}
     rows_best = torch.full((n_a, k), -torch.inf, device=dev) if a_to_b else None
@@ -277,7 +272,7 @@ def search(
         return search_torch(a, b, k, a_to_b=a_to_b, b_to_a=b_to_a, **kw)
     if backend != "faiss":
         raise ValueError(f"pair.backend={backend!r}; expected torch or faiss")
-    if _device(device).type != "cpu":
+    if resolve_device(device).type != "cpu":
         raise ValueError(
             f"pair.backend=faiss runs on the CPU (faiss-cpu), not pair.device={device}"
         )
@@ -537,7 +532,7 @@ def run(cfg: DictConfig) -> float | None:
     for (a, b), name in routes.items():
         want = {d: hops[d] for d in ((a, b), (b, a)) if d in hops}
         passes.append((a, b, name, want))
-    device = _device(pc.device)
+    device = resolve_device(pc.device)
     chunk, gchunk, backend = int(pc.chunk), int(pc.gallery_chunk), str(pc.backend)
     total = sum(search_steps(sizes[a], sizes[b], (a, b) in w, (b, a) in w, backend, chunk, gchunk)
                 for a, b, _, w in passes)  # fmt: skip

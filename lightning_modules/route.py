@@ -20,7 +20,7 @@ from torchmetrics import MeanMetric
 
 from datamodules.cache import CacheError, CacheWriter, EmbeddingCache, cache_dir, read_manifest
 from datamodules.embeddings import EmbeddingDataModule
-from datamodules.modalities import MODALITIES, PAIRS, PROVENANCES
+from encoders.modalities import MODALITIES, PAIRS, PROVENANCES
 from lightning_modules.bind import EXPORT_WEIGHTS, load_bound_space
 from lightning_modules.common import (
     ensure_data,

@@ -10,7 +10,7 @@ from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException, MissingConfigException
 from omegaconf import DictConfig, OmegaConf
 
-from datamodules.modalities import MODALITIES, PROVENANCES
+from encoders.modalities import MODALITIES, PROVENANCES
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 # conf/sweep holds W&B sweep configs (their ${args} are W&B macros), not a Hydra group.

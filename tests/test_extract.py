@@ -18,7 +18,6 @@ from omegaconf import OmegaConf
 
 from datamodules.cache import CacheError, EmbeddingCache, cache_dir
 from datamodules.demo_raw import AUDIO, IMAGES, SHAPES, ensure_demo_raw, write_ply
-from datamodules.modalities import PROVENANCES
 from datamodules.raw import (
     ExtractJob,
     Items,
@@ -36,6 +35,7 @@ from datamodules.raw import (
 )
 from encoders import build_encoder
 from encoders.base import Processor
+from encoders.modalities import PROVENANCES
 from encoders.openclip import OpenClipEncoder
 from lightning_modules.extract import ExtractModule, read_errors, run
 

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from datamodules.cache import CacheError, CacheWriter, EmbeddingCache, cache_dir
-from datamodules.modalities import MODALITIES
 from datamodules.tuples import load_tuples
+from encoders.modalities import MODALITIES
 from lightning_modules.pair import (
     SUMMARY,
     ShardRows,

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from datamodules.cache import CacheError
-from datamodules.modalities import DIRECTIONS, PROVENANCES
+from encoders.modalities import DIRECTIONS, PROVENANCES
 from lightning_modules.losses import alignment_loss, decoupling_loss, info_nce
 from lightning_modules.models import Router
 from lightning_modules.omni import FixedWeights, OmniModel, specialty_labels

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from datamodules.cache import CacheError, EmbeddingCache, cache_dir, sha256_file
-from datamodules.modalities import MODALITIES, PAIRS, PROVENANCES
 from datamodules.tuples import load_tuples
 from datamodules.world import ensure_world
+from encoders.modalities import MODALITIES, PAIRS, PROVENANCES
 from lightning_modules.common import space_configs
 from lightning_modules.metrics import recall_at_k
 

@@ -1,4 +1,6 @@
-"""The modalities, named once for the whole project."""
+"""The modalities, named once for the whole project, and the one device helper."""
+
+import torch
 
 MODALITIES: tuple[str, ...] = ("point", "audio", "image", "text")
 # The modalities that a text's provenance can name (an audio, image or 3D caption).
@@ -20,3 +22,10 @@ def check_modality(name: str, where: str = "") -> str:
         at = f" in {where}" if where else ""
         raise ValueError(f"unknown modality {name!r}{at}; expected one of {list(MODALITIES)}")
     return name
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """`auto` is cuda when available, else cpu; anything else is passed to torch.device."""
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
