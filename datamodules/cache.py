@@ -8,16 +8,16 @@ Layout of a cache directory:
 
 Every file is written to a temporary name and renamed into place, and a shard's `.emb.npy` is
 renamed last, so a shard whose embeddings exist is complete. An interrupted writer leaves at
-most temporary files and complete shards, never a manifest that lies.
+most temporary files and complete shards, never a manifest that lies. The manifest records
+every file's sha256; a reader verifies each file against it before first use in a process
+(datamodules/artifacts.py, cheap on reruns thanks to a stamp keyed by size, mtime and inode).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
-import tempfile
 from collections.abc import Iterator, Mapping
 from datetime import datetime, timezone
 from pathlib import Path
@@ -25,51 +25,21 @@ from typing import Any
 
 import numpy as np
 
+from datamodules.artifacts import (  # noqa: F401  (re-exported: old imports keep working)
+    CacheError,
+    CorruptFileError,
+    atomic_save_npy,
+    atomic_write,
+    atomic_write_json,
+    sha256_file,
+    verify_files,
+)
 from encoders.modalities import check_modality
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
 DTYPES = ("float16", "float32")
 REQUIRED_KEYS = ("format", "space", "modality", "dim", "count", "dtype", "normalized", "shards")
-
-
-class CacheError(ValueError):
-    """A cache is missing, corrupt, or does not match what the caller expected."""
-
-
-def sha256_file(path: str | os.PathLike, block: int = 1 << 22) -> str:
-    """Hex sha256 of a file, read in blocks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(block):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def atomic_write(path: Path, write) -> None:
-    """Call write(fileobj) on a temp file beside `path`, fsync, then rename it onto `path`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_save_npy(path: str | os.PathLike, array: np.ndarray) -> None:
-    """np.save, atomically."""
-    atomic_write(Path(path), lambda f: np.save(f, np.asarray(array), allow_pickle=False))
-
-
-def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
-    """json.dump, atomically."""
-    data = json.dumps(obj, indent=1, sort_keys=False).encode()
-    atomic_write(Path(path), lambda f: f.write(data))
 
 
 def read_manifest(directory: str | os.PathLike) -> dict | None:
@@ -218,15 +188,16 @@ def finalize(directory: str | os.PathLike, **meta: Any) -> dict:
 class EmbeddingCache:
     """Read a cache directory: memory-maps its shards and validates them.
 
-    Opening checks the manifest against the shards (files present, shapes, dtype, counts).
-    `verify=True` also checks every sha256. `load()` checks for NaN/inf.
+    Opening checks the manifest against the shards (files present, shapes, dtype, counts) and,
+    unless `verify=False`, every file's sha256: a file is hashed once per process and once per
+    change of the file (datamodules/artifacts.py). `load()` checks for NaN/inf.
     """
 
     def __init__(
         self,
         directory: str | os.PathLike,
         *,
-        verify: bool = False,
+        verify: bool = True,
         expect_dim: int | None = None,
         expect_space: str | None = None,
         expect_modality: str | None = None,
@@ -258,23 +229,29 @@ class EmbeddingCache:
                 f"{self.directory / MANIFEST}: dtype {manifest['dtype']!r} not in {DTYPES}"
             )
         self.shards: list[np.ndarray] = []
+        digests: dict[Path, str | None] = {}  # every file of every shard -> its recorded sha256
         for shard in manifest["shards"]:
-            self.shards.append(self._open_shard(shard, verify))
+            self.shards.append(self._open_shard(shard, digests))
         total = sum(len(s) for s in self.shards)
         if total != manifest["count"]:
             raise CacheError(
                 f"{self.directory / MANIFEST}: count is {manifest['count']} but shards hold {total}"
             )
+        if verify:  # after the structural checks, whose messages say more than a digest's
+            verify_files(
+                digests,
+                recorded_in=self.directory / MANIFEST,
+                repair="rerun the stage that wrote this cache, or pass overwrite=true to it",
+            )
         self._extras: dict[str, np.ndarray] = {}
 
-    def _open_shard(self, shard: Mapping, verify: bool) -> np.ndarray:
+    def _open_shard(self, shard: Mapping, digests: dict[Path, str | None]) -> np.ndarray:
         name = shard["name"]
         for key in ("emb", "ids", *self.manifest.get("extras", [])):
             path = self.directory / f"{name}.{key}.npy"
             if not path.exists():
                 raise CacheError(f"{path}: listed in the manifest but missing")
-            if verify and sha256_file(path) != shard["sha256"].get(key):
-                raise CacheError(f"{path}: sha256 does not match the manifest (corrupt file)")
+            digests[path] = shard.get("sha256", {}).get(key)
         path = self.directory / f"{name}.emb.npy"
         try:
             emb = np.load(path, mmap_mode="r")

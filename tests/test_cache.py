@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from datamodules import cache as cache_mod
+from datamodules import artifacts
 from datamodules.cache import (
     MANIFEST,
     CacheError,
@@ -107,7 +108,7 @@ def test_a_rank_does_not_delete_another_ranks_temp_files(tmp_path: Path) -> None
 
 def _interrupt_during_emb(monkeypatch: pytest.MonkeyPatch) -> None:
     """Make the next `.emb.npy` write die half-way, as a killed process would."""
-    real = cache_mod.atomic_write
+    real = artifacts.atomic_write
 
     def dying(path: Path, write) -> None:
         if path.name.endswith(".emb.npy"):
@@ -119,7 +120,7 @@ def _interrupt_during_emb(monkeypatch: pytest.MonkeyPatch) -> None:
             return real(path, half)
         return real(path, write)
 
-    monkeypatch.setattr(cache_mod, "atomic_write", dying)
+    monkeypatch.setattr(artifacts, "atomic_write", dying)
 
 
 def test_write_interrupted_mid_shard(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -185,16 +186,86 @@ def test_existing_cache_with_other_fingerprint_is_refused(tmp_path: Path) -> Non
 # ---------------------------------------------------------------------------- corruption
 
 
+def _age(directory: Path, seconds: int = 3600) -> None:
+    """Date every file in `directory` back, as if written long ago (outside the racy window)."""
+    for path in directory.iterdir():
+        t = path.stat().st_mtime_ns - seconds * 10**9
+        os.utime(path, ns=(t, t))
+
+
+def _count_hashing(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Record every file that verification hashes."""
+    hashed, real = [], artifacts.sha256_file
+    monkeypatch.setattr(artifacts, "sha256_file", lambda p: hashed.append(Path(p).name) or real(p))
+    return hashed
+
+
 @pytest.mark.parametrize("key", ["emb", "ids", "labels"])
-def test_flipped_byte_is_detected_by_verify(tmp_path: Path, key: str) -> None:
+def test_flipped_byte_is_refused_on_open(tmp_path: Path, key: str) -> None:
     d = tmp_path / "c"
     _write(d, [4, 4])
     bad = d / f"shard_00001.{key}.npy"
+    recorded = _manifest(d)["shards"][1]["sha256"][key]
     _flip_last_byte(bad)
-    EmbeddingCache(d)  # the header is intact, so only hashing can tell
+    EmbeddingCache(d, verify=False)  # the header is intact, so only hashing can tell
     with pytest.raises(CacheError, match="sha256") as e:
-        EmbeddingCache(d, verify=True)
-    assert str(bad) in str(e.value)
+        EmbeddingCache(d)
+    message = str(e.value)
+    assert str(bad) in message and recorded in message and artifacts.sha256_file(bad) in message
+    assert "overwrite=true" in message and str(d / MANIFEST) in message
+
+
+def test_flipped_finite_value_is_refused_even_after_a_verified_open(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    d = tmp_path / "c"
+    _write(d, [4, 4])
+    _age(d)
+    EmbeddingCache(d)  # verified, and stamped
+    shard = d / "shard_00000.emb.npy"
+    before = np.load(shard)
+    data = bytearray(shard.read_bytes())
+    data[-2] ^= 0x01  # the low mantissa bit of the last float16: still a finite, plausible value
+    shard.write_bytes(bytes(data))
+    after = np.load(shard)
+    assert np.isfinite(after).all() and (after != before).sum() == 1
+    with pytest.raises(artifacts.CorruptFileError, match="shard_00000.emb.npy: sha256"):
+        EmbeddingCache(d)
+    artifacts.forget_verified()  # a new process, reading only the stamp, refuses it too
+    with pytest.raises(artifacts.CorruptFileError, match="shard_00000.emb.npy: sha256"):
+        EmbeddingCache(d)
+
+
+def test_unchanged_cache_is_hashed_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    d = tmp_path / "c"
+    _write(d, [4, 4])
+    _age(d)
+    hashed = _count_hashing(monkeypatch)
+    EmbeddingCache(d)
+    assert len(hashed) == 6  # 2 shards x (emb, ids, labels)
+    EmbeddingCache(d)
+    assert len(hashed) == 6  # this process remembers them
+    artifacts.forget_verified()
+    EmbeddingCache(d)
+    assert len(hashed) == 6  # another process trusts the stamp: sizes, mtimes, inodes unchanged
+    assert (d / artifacts.STAMP).exists()
+    # Rewriting a shard with the same bytes moves its mtime: only that file is hashed again.
+    ids = d / "shard_00001.ids.npy"
+    ids.write_bytes(ids.read_bytes())
+    artifacts.forget_verified()
+    EmbeddingCache(d)
+    assert hashed[6:] == ["shard_00001.ids.npy"]
+    EmbeddingCache(d, verify=False)
+    assert len(hashed) == 7
+
+
+def test_manifest_without_digests_is_refused(tmp_path: Path) -> None:
+    d = tmp_path / "c"
+    _write(d, [4])
+    _edit_manifest(d, lambda m: m["shards"][0].pop("sha256"))
+    with pytest.raises(CacheError, match="records no sha256") as e:
+        EmbeddingCache(d)
+    assert "shard_00000.emb.npy" in str(e.value)
 
 
 @pytest.mark.parametrize(
@@ -258,7 +329,9 @@ def test_nan_rows_are_refused_on_write_and_on_load(tmp_path: Path) -> None:
     emb = np.load(shard)
     emb[3, 0] = np.inf
     np.save(shard, emb)  # corrupted behind the manifest's back, same shape and dtype
-    cache = EmbeddingCache(d)
+    with pytest.raises(CacheError, match="sha256"):
+        EmbeddingCache(d)
+    cache = EmbeddingCache(d, verify=False)  # unverified reads still never yield NaN/inf
     with pytest.raises(CacheError, match="row 3 holds NaN or inf") as e:
         cache.load()
     assert str(shard) in str(e.value)
