@@ -37,7 +37,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
-from lightning_modules.pair import search  # noqa: E402
+from lightning_modules.search import search  # noqa: E402
 
 PAIR = OmegaConf.load(REPO / "conf" / "config.yaml").pair
 SIZES = {  # (queries, gallery, dim) for throughput; gallery rows for memory (queries, dim fixed)

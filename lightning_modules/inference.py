@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from datamodules.cache import CacheError, CacheWriter, EmbeddingCache, cache_dir, sha256_file
 from encoders.modalities import MODALITIES, check_modality, resolve_device
 from lightning_modules.omni import EXPORT_WEIGHTS, WEIGHTINGS, OmniModel, modalities_of
-from lightning_modules.pair import pool_rows, search
+from lightning_modules.search import pool_rows, search
 
 
 class OmniBind:
