@@ -35,7 +35,7 @@ from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
-from datamodules.raw import (  # noqa: E402
+from datamodules.extraction import (  # noqa: E402
     ChunkBatchSampler,
     Collate,
     LoadSettings,

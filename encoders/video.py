@@ -9,18 +9,46 @@ import torch.nn.functional as F
 from encoders.base import Encoder
 
 
-def frame_indices(total: int, frames: int) -> np.ndarray:
-    """`frames` indices spread evenly over `total` frames (the centre of each equal segment)."""
+def frame_indices(total: int, frames: int, stride: int | None = None) -> np.ndarray:
+    """Which of `total` frames to embed: `frames` spread evenly (the centre of each equal
+    segment), or with a `stride` every stride-th frame from the first, at most `frames`."""
     if total < 1:
         raise ValueError("a video with no frames")
+    if frames < 1:
+        raise ValueError(f"frames is {frames}; expected at least 1")
+    if stride:
+        if stride < 1:
+            raise ValueError(f"stride is {stride}; expected at least 1")
+        return np.arange(0, total, int(stride), dtype=np.int64)[:frames]
     return np.minimum(((np.arange(frames) + 0.5) * total / frames).astype(np.int64), total - 1)
 
 
-def encode_video(encoder: Encoder, frames: torch.Tensor) -> torch.Tensor:
+def pad_frames(clips: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Clips (t_i, 3, H, W) -> (batch, max t, 3, H, W) zero-padded, and a (batch, max t) mask."""
+    t = max(len(c) for c in clips)
+    out = clips[0].new_zeros((len(clips), t, *clips[0].shape[1:]))
+    mask = torch.zeros(len(clips), t, dtype=torch.bool)
+    for i, c in enumerate(clips):
+        out[i, : len(c)] = c
+        mask[i, : len(c)] = True
+    return out, mask
+
+
+def encode_video(
+    encoder: Encoder, frames: torch.Tensor, mask: torch.Tensor | None = None
+) -> torch.Tensor:
     """frames (batch, time, 3, H, W) -> (batch, dim): the mean of the L2-normalised frame
-    embeddings, L2-normalised again (mean pooling, as CLIP4Clip does)."""
+    embeddings, L2-normalised again (mean pooling, as CLIP4Clip does). `mask` (batch, time)
+    marks real frames (a shorter clip is zero-padded); padded frames are not embedded."""
     if frames.ndim != 5:
         raise ValueError(f"video frames must be (batch, time, 3, H, W), got {tuple(frames.shape)}")
     b, t = frames.shape[:2]
-    emb = encoder({"image": frames.flatten(0, 1)})["image"]
-    return F.normalize(emb.view(b, t, -1).mean(dim=1), dim=-1)
+    if mask is None:
+        emb = encoder({"image": frames.flatten(0, 1)})["image"]
+        return F.normalize(emb.view(b, t, -1).mean(dim=1), dim=-1)
+    mask = mask.to(frames.device)
+    real = encoder({"image": frames[mask]})["image"]  # (real frames, dim)
+    sums = real.new_zeros(b, real.shape[1])
+    owner = torch.arange(b, device=frames.device).repeat_interleave(mask.sum(1))
+    sums.index_add_(0, owner, real)
+    return F.normalize(sums / mask.sum(1, keepdim=True).clamp_min(1), dim=-1)

@@ -30,7 +30,9 @@ from omegaconf import DictConfig
 
 from datamodules.cache import CacheError, cache_dir
 from datamodules.demo_raw import ensure_demo_raw
-from datamodules.raw import ExtractJob, LoadSettings, RawDataModule, list_items
+from datamodules.extraction import LoadSettings, RawDataModule
+from datamodules.items import list_items
+from datamodules.jobs import ExtractJob
 from encoders import build_encoder, build_processor
 from encoders.base import Encoder
 from encoders.precomputed import DumpError

@@ -12,7 +12,8 @@ from conftest import compose_config
 from omegaconf import OmegaConf
 
 from datamodules.demo_raw import ensure_demo_raw
-from datamodules.raw import list_items, load_audio, load_image
+from datamodules.items import list_items
+from datamodules.readers import load_audio, load_image
 from encoders import build_encoder, build_processor
 from encoders.precomputed import DumpError, PrecomputedEncoder, load_dump, match_rows
 from encoders.video import encode_video, frame_indices

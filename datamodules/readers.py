@@ -1,0 +1,186 @@
+"""Readers: one raw file -> an array or image. Each raises on anything unreadable.
+
+image   load_image     any format Pillow decodes, as RGB
+audio   load_audio     any format soundfile reads, mono, resampled (scipy) and fitted
+point   load_points    .npy (n, 3 | 6) or .ply vertices (plyfile), normalised and sampled
+video   load_frames    a frame folder, a (T, H, W, 3) .npy, or a video file (PyAV)
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+
+from datamodules.items import EXTENSIONS, RawDataError
+from encoders.video import frame_indices
+
+DEFAULT_RGB = 0.4  # colour of uncoloured point clouds (Uni3D's convention)
+FRAME_SIZE_POLICIES = ("resize", "raise")
+
+
+def load_image(path: str):
+    """An RGB PIL image, fully decoded (a truncated file fails here, not later)."""
+    from PIL import Image
+
+    with Image.open(path) as img:
+        img.load()
+        return img.convert("RGB")
+
+
+def fit_length(
+    wave: np.ndarray, samples: int, clip: str = "start", pad: str = "repeat"
+) -> np.ndarray:
+    """Clip (from the start or the centre) or pad (by repeating or with zeros) to `samples`."""
+    n = len(wave)
+    if n > samples:
+        start = 0 if clip == "start" else (n - samples) // 2
+        return wave[start : start + samples]
+    if n < samples:
+        if pad == "repeat":  # laion_clap's "repeatpad": whole repeats, then zeros
+            wave = np.tile(wave, samples // n)
+        return np.pad(wave, (0, samples - len(wave)))
+    return wave
+
+
+def load_audio(
+    path: str,
+    sample_rate: int | None,
+    clip_samples: int | None = None,
+    clip: str = "start",
+    pad: str = "repeat",
+) -> np.ndarray:
+    """A mono float32 waveform (samples,) at `sample_rate`, fitted to `clip_samples`."""
+    import soundfile as sf
+    from scipy.signal import resample_poly
+
+    wave, rate = sf.read(path, dtype="float32", always_2d=True)
+    wave = wave.mean(axis=1)
+    if len(wave) == 0:
+        raise RawDataError("no samples")
+    if not np.isfinite(wave).all():
+        raise RawDataError("samples are NaN or inf")
+    if sample_rate and rate != sample_rate:
+        g = math.gcd(int(rate), int(sample_rate))
+        wave = resample_poly(wave, int(sample_rate) // g, int(rate) // g).astype(np.float32)
+    if clip_samples:
+        wave = fit_length(wave, int(clip_samples), clip, pad)
+    return np.ascontiguousarray(wave, dtype=np.float32)
+
+
+def read_ply(path: str) -> np.ndarray:
+    """Vertices of a .ply (ascii or binary, via plyfile) as (n, 3) xyz or (n, 6) xyz + rgb."""
+    from plyfile import PlyData, PlyParseError
+
+    try:
+        ply = PlyData.read(str(path))
+    except (PlyParseError, ValueError, EOFError, IndexError) as e:
+        raise RawDataError(f"not a readable PLY file ({type(e).__name__}: {e})") from e
+    if "vertex" not in [el.name for el in ply.elements]:
+        raise RawDataError("PLY file has no vertex element")
+    vertex = ply["vertex"].data
+    names = vertex.dtype.names or ()
+    if not all(c in names for c in "xyz"):
+        raise RawDataError(f"PLY vertices lack x, y or z (they have {list(names)})")
+    xyz = np.stack([vertex[c].astype(np.float64) for c in "xyz"], 1)
+    rgb_names = next((n for n in (("red", "green", "blue"), ("r", "g", "b"))
+                      if all(c in names for c in n)), None)  # fmt: skip
+    if rgb_names is None:
+        return xyz
+    return np.concatenate([xyz, np.stack([vertex[c].astype(np.float64) for c in rgb_names], 1)], 1)
+
+
+def load_points(
+    path: str, num_points: int | None = None, seed: int = 0, normalize: bool = True
+) -> np.ndarray:
+    """A point cloud (num_points, 6): xyz (centred, in the unit sphere) and rgb in [0, 1].
+
+    .npy holds (n, 3) xyz or (n, 6) xyz + rgb (0..1 or 0..255); .ply vertices likewise. Points
+    are drawn with a generator seeded by `seed`, without replacement when there are enough.
+    """
+    if path.lower().endswith(".ply"):
+        pts = read_ply(path)
+    else:
+        pts = np.load(path, allow_pickle=False)
+    pts = np.asarray(pts, dtype=np.float64)
+    if pts.ndim != 2 or pts.shape[1] not in (3, 6):
+        raise RawDataError(f"point cloud has shape {pts.shape}, expected (n, 3) or (n, 6)")
+    if len(pts) == 0:
+        raise RawDataError("point cloud has no points")
+    if not np.isfinite(pts).all():
+        raise RawDataError("point cloud holds NaN or inf")
+    xyz = pts[:, :3]
+    if pts.shape[1] == 6:
+        rgb = pts[:, 3:] / (255.0 if pts[:, 3:].max() > 1.0 else 1.0)
+    else:
+        rgb = np.full_like(xyz, DEFAULT_RGB)
+    if normalize:
+        xyz = xyz - xyz.mean(0)
+        scale = np.linalg.norm(xyz, axis=1).max()
+        if scale == 0:
+            raise RawDataError("point cloud is a single point (cannot normalise its scale)")
+        xyz = xyz / scale
+    out = np.concatenate([xyz, rgb], 1).astype(np.float32)
+    if num_points:
+        rng = np.random.default_rng(seed)
+        out = out[rng.choice(len(out), int(num_points), replace=len(out) < num_points)]
+    return out
+
+
+def _decode_video(path: Path) -> list:
+    """Every frame of a video file as RGB PIL images (PyAV)."""
+    try:
+        import av
+    except ImportError as e:  # pragma: no cover - av is a declared dependency
+        raise RawDataError(f"decoding video files needs PyAV (pip install av): {e}") from e
+    try:
+        with av.open(str(path)) as container:
+            return [frame.to_image().convert("RGB") for frame in container.decode(video=0)]
+    except (av.FFmpegError, ValueError, IndexError) as e:
+        raise RawDataError(f"undecodable video ({type(e).__name__}: {e})") from e
+
+
+def load_frames(
+    path: str, frames: int, stride: int | None = None, frame_size: str = "resize"
+) -> list:
+    """Up to `frames` RGB PIL frames of a video (frame folder, .npy or video file).
+
+    Sampling: `stride` None spreads `frames` evenly over the video; an int takes every
+    stride-th frame from the first, at most `frames` of them (fewer for a short video). A frame
+    whose size differs from the first sampled frame's is resized to it (`frame_size: resize`)
+    or refused with its index named (`raise`).
+    """
+    from PIL import Image
+
+    if frame_size not in FRAME_SIZE_POLICIES:
+        raise ValueError(f"frame_size is {frame_size!r}; expected one of {FRAME_SIZE_POLICIES}")
+    p = Path(path)
+    if p.is_dir():
+        files = sorted(f for f in p.iterdir() if f.suffix.lower() in EXTENSIONS["image"])
+        if not files:
+            raise RawDataError("frame folder holds no images")
+        index = frame_indices(len(files), frames, stride)
+        out = [load_image(str(files[i])) for i in index]
+    elif p.suffix.lower() == ".npy":
+        video = np.load(p, mmap_mode="r", allow_pickle=False)
+        if video.ndim != 4 or video.shape[-1] != 3 or len(video) == 0:
+            raise RawDataError(f"video array has shape {video.shape}, expected (T, H, W, 3)")
+        index = frame_indices(len(video), frames, stride)
+        out = [Image.fromarray(np.asarray(video[i], np.uint8)) for i in index]
+    else:
+        decoded = _decode_video(p)
+        if not decoded:
+            raise RawDataError("video has no frames")
+        index = frame_indices(len(decoded), frames, stride)
+        out = [decoded[i] for i in index]
+    size = out[0].size
+    for n, (i, frame) in enumerate(zip(index, out, strict=True)):
+        if frame.size != size:
+            if frame_size == "raise":
+                raise RawDataError(
+                    f"frame {int(i)} is {frame.size[0]}x{frame.size[1]}, but the video's first "
+                    f"sampled frame is {size[0]}x{size[1]} (set data.load.frame_size=resize)"
+                )
+            out[n] = frame.resize(size)
+    return out
