@@ -13,14 +13,11 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 
 from datamodules.cache import CacheError, CacheWriter, EmbeddingCache, cache_dir
+from lightning_modules.benchmarks import load_benchmarks, zeroshot_prompts
 from lightning_modules.bind import BindModule, export_bound_space, load_bound_space
-from lightning_modules.evaluate import (
-    evaluate_method,
-    load_benchmarks,
-    make_method,
-    zeroshot_prompts,
-)
+from lightning_modules.methods import make_method
 from lightning_modules.metrics import recall_at_k
+from lightning_modules.scoring import evaluate_method
 from train import train
 
 DIM = 512  # clap's dim: the hand-made benchmarks are "clap" caches
@@ -103,14 +100,14 @@ def _random_bound(cfg, space: str, dims: dict[str, int]) -> Path:
     """A bound-space export with random (untrained) projectors, as stage=bind writes it."""
     torch.manual_seed(0)
     anchor = {"image": 1536, "text": 1536}
-    model = BindModule(space, "eva_clip_18b", dims, anchor, {"mix": [0, 1, 2, 3]}, hidden_dim=16)
+    model = BindModule(space, "eva_clip_18b", dims, anchor, ["mix"], hidden_dim=16)
     return export_bound_space(model.eval(), Path(cfg.evaluate.bound_dir) / space)
 
 
 def test_bound_method_projects_its_own_modalities(small_world: Path, compose_cfg) -> None:
     cfg = compose_cfg("stage=evaluate")
     _random_bound(cfg, "clap", {"audio": 512, "text": 512})
-    method = make_method("bound:clap", cfg)
+    method = make_method("bound:clap", cfg.evaluate.bound_dir, cfg.evaluate.omni_dir)
     assert method.modalities == ("audio", "text") and method.spaces == ["clap"]
     emb = method.embed(small_world, "test_audio_text", "audio")
     mixture, _ = load_bound_space(Path(cfg.evaluate.bound_dir) / "clap")
@@ -123,7 +120,7 @@ def test_bound_method_projects_its_own_modalities(small_world: Path, compose_cfg
     scores = evaluate_method(method, load_benchmarks(small_world / "benchmarks_test.json"))
     assert {k.split("/")[0] for k in scores["retrieval"]} == {"audio_to_text", "text_to_audio"}
     with pytest.raises(CacheError, match="stage=bind space=uni3d"):
-        make_method("bound:uni3d", cfg)
+        make_method("bound:uni3d", cfg.evaluate.bound_dir, cfg.evaluate.omni_dir)
 
 
 def test_omni_method_is_one_line_of_dispatch(small_world: Path, compose_cfg) -> None:
@@ -145,7 +142,7 @@ def test_omni_method_is_one_line_of_dispatch(small_world: Path, compose_cfg) -> 
     OmniModel(meta).eval().save(Path(cfg.evaluate.omni_dir) / "tiny")
     bench = load_benchmarks(small_world / "benchmarks_test.json")
     for spec in ("omni:tiny", "omni:tiny:average"):
-        method = make_method(spec, cfg)
+        method = make_method(spec, cfg.evaluate.bound_dir, cfg.evaluate.omni_dir)
         assert method.modalities == ("audio", "image", "text")
         assert set(method.spaces) == {"clap", "imagebind", "eva_clip_18b"}
         scores = evaluate_method(method, bench)
@@ -157,11 +154,12 @@ def test_omni_method_is_one_line_of_dispatch(small_world: Path, compose_cfg) -> 
             if a != b
         }
         assert "image/world_image/top1" in scores["zeroshot"]
-    assert make_method("avg=omni:tiny:average", cfg).name == "avg"
+    dirs = (cfg.evaluate.bound_dir, cfg.evaluate.omni_dir)
+    assert make_method("avg=omni:tiny:average", *dirs).name == "avg"
     with pytest.raises(ValueError, match="weighting 'mean'"):
-        make_method("omni:tiny:mean", cfg)
+        make_method("omni:tiny:mean", cfg.evaluate.bound_dir, cfg.evaluate.omni_dir)
     with pytest.raises(ValueError, match="kind in"):
-        make_method("proj:clap", cfg)
+        make_method("proj:clap", cfg.evaluate.bound_dir, cfg.evaluate.omni_dir)
 
 
 @pytest.mark.slow
@@ -184,11 +182,11 @@ def test_stage_logs_a_wandb_table(small_world: Path, compose_cfg) -> None:
 
 
 def _write(root: Path, dataset: str, modality: str, emb: np.ndarray, ids: np.ndarray | None = None,
-           **extras: np.ndarray) -> None:  # fmt: skip
+           space: str = "clap", dim: int = DIM, **extras: np.ndarray) -> None:  # fmt: skip
     ids = np.arange(len(emb)) if ids is None else ids
-    directory = cache_dir(root, dataset, "clap", modality)
+    directory = cache_dir(root, dataset, space, modality)
     writer = CacheWriter(
-        directory, space="clap", modality=modality, dim=DIM, dtype="float32", overwrite=True
+        directory, space=space, modality=modality, dim=dim, dtype="float32", overwrite=True
     )
     if len(emb):
         writer.append(emb.astype(np.float32), ids, **extras)
@@ -243,14 +241,16 @@ def handmade(tmp_path: Path) -> Path:
 
 SPEC = dict(
     retrieval=[dict(name="caps", dataset="caps", modalities=["audio", "text"])],
-    zeroshot=[dict(name="zs", dataset="zs", modality="audio", classnames=["dog", "rain", "bell"]),
+    # `classes` with their templates: the prompt cache must be exactly classes x templates.
+    zeroshot=[dict(name="zs", dataset="zs", modality="audio", prompts="zs",
+                   classes=["dog", "rain", "bell"], templates=["a {}.", "the {}."]),
               dict(name="zs_ml", dataset="zs_ml", modality="audio", multilabel=True)],
 )  # fmt: skip
 
 
 def test_multi_caption_benchmark_matches_a_full_sort(handmade: Path, compose_cfg) -> None:
     method, bench = (
-        make_method("raw:clap", compose_cfg()),
+        make_method("raw:clap"),
         load_benchmarks(_manifest(handmade, SPEC)),
     )
     scores = evaluate_method(method, bench, ks=(1, 5), chunk=7)
@@ -286,7 +286,7 @@ def test_yaml_manifest_and_repeated_pairs(handmade: Path, compose_cfg) -> None:
     spec["retrieval"][1]["modalities"] = ["audio", "text"]
     path = handmade / "bench.yaml"
     OmegaConf.save(OmegaConf.create({"root": ".", **spec}), path)
-    scores = evaluate_method(make_method("raw:clap", compose_cfg()), load_benchmarks(path))
+    scores = evaluate_method(make_method("raw:clap"), load_benchmarks(path))
     # Two benchmarks of one pair are told apart by name instead of overwriting each other.
     assert (
         "audio_to_text/caps/R@1" in scores["retrieval"]
@@ -318,9 +318,7 @@ def test_zeroshot_prompts() -> None:
 
 
 def _score(root: Path, compose_cfg, spec: dict) -> dict:
-    return evaluate_method(
-        make_method("raw:clap", compose_cfg()), load_benchmarks(_manifest(root, spec))
-    )
+    return evaluate_method(make_method("raw:clap"), load_benchmarks(_manifest(root, spec)))
 
 
 def test_labels_out_of_range(handmade: Path, compose_cfg) -> None:
@@ -335,10 +333,19 @@ def test_labels_out_of_range(handmade: Path, compose_cfg) -> None:
 
 
 def test_prompts_must_cover_every_class(handmade: Path, compose_cfg) -> None:
-    spec = dict(
-        zeroshot=[dict(name="zs", dataset="zs", modality="audio", classnames=["a", "b", "c", "d"])]
-    )
-    with pytest.raises(CacheError, match=r"no prompt for \[3\]"):
+    _write(handmade, "zs_gap", "audio", np.ones((4, DIM)), labels=np.array([0, 1, 2, 0]))
+    _write(handmade, "zs_gap", "text", np.ones((4, DIM)), labels=np.array([0, 0, 2, 2]))
+    spec = dict(zeroshot=[dict(name="gap", dataset="zs_gap", modality="audio")])
+    with pytest.raises(CacheError, match=r"no prompt for \[1\]"):
+        _score(handmade, compose_cfg, spec)
+
+
+def test_stale_prompt_cache_is_refused(handmade: Path, compose_cfg) -> None:
+    # The cache holds 3 classes x 2 templates; the manifest now names a fourth class.
+    entry = dict(name="zs", dataset="zs", modality="audio", prompts="zs",
+                 classes=["a", "b", "c", "d"], templates=["a {}.", "the {}."])  # fmt: skip
+    spec = dict(zeroshot=[entry])
+    with pytest.raises(CacheError, match=r"not the manifest's 4 classes x 2 templates.*extract"):
         _score(handmade, compose_cfg, spec)
 
 

@@ -1,0 +1,128 @@
+"""Evaluation methods: what turns cached rows into L2-normalised embeddings of one shared space.
+
+    raw:<space>                  the space's own cache; only the pairs the space covers
+    bound:<space or dir>         a bound space (stage=bind export) applied to the space's cache
+    omni:<dir>[:routed|average]  an omni model (stage=route export); dirs are relative to
+                                 evaluate.bound_dir / evaluate.omni_dir unless absolute
+A method is named by its spec (`raw:clap`), or by a name given as `<name>=<spec>`
+(`routed=omni:base/routed`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+
+from datamodules.cache import CacheError, EmbeddingCache, cache_dir
+from encoders.modalities import MODALITIES
+from lightning_modules.bind import load_bound_space
+from lightning_modules.common import space_configs
+from lightning_modules.omni import WEIGHTINGS, OmniModel, modalities_of
+
+
+class Method(Protocol):
+    """Anything that embeds cached rows into one shared space."""
+
+    name: str
+    spaces: list[str]  # the spaces whose caches it reads (the world writes them)
+    modalities: tuple[str, ...]  # cache modalities (a video is cached as `image`)
+
+    def embed(self, root: Path, dataset: str, modality: str) -> torch.Tensor:
+        """L2-normalised embeddings (n, d) of every row of (dataset, modality), in row order."""
+        ...
+
+
+def open_cache(
+    root: Path, dataset: str, space: str, modality: str, dim: int | None = None
+) -> EmbeddingCache:
+    """The cache of (dataset, space, modality) under root, its dim checked when given."""
+    return EmbeddingCache(cache_dir(root, dataset, space, modality), expect_dim=dim)
+
+
+class RawSpace:
+    """A space's own embeddings (native, not projected)."""
+
+    def __init__(self, name: str, space: str, bound_dir: Path, omni_dir: Path) -> None:
+        self.name, self.spaces = name, [space]
+        self.dims = dict(space_configs([space])[space].dims)
+        self.modalities = tuple(m for m in MODALITIES if m in self.dims)
+
+    def embed(self, root: Path, dataset: str, modality: str) -> torch.Tensor:
+        """The cache's rows, L2-normalised (n, dim of the space)."""
+        cache = open_cache(root, dataset, self.spaces[0], modality, self.dims[modality])
+        return F.normalize(torch.from_numpy(cache.load()), dim=-1)
+
+
+class BoundSpace:
+    """A bound space's projectors applied to its source space's cache (projected, anchor dim)."""
+
+    def __init__(self, name: str, where: str, bound_dir: Path, omni_dir: Path) -> None:
+        directory = Path(bound_dir) / where  # an absolute `where` replaces bound_dir
+        try:
+            self.mixture, meta = load_bound_space(directory)
+        except CacheError as e:
+            raise CacheError(f"method {name!r}: {e}; bind it with: python train.py stage=bind "
+                             f"space={Path(where).name}") from e  # fmt: skip
+        self.name, self.spaces, self.dims = name, [meta["space"]], dict(meta["dims"])
+        self.modalities = tuple(m for m in MODALITIES if m in self.dims)
+
+    @torch.no_grad()
+    def embed(self, root: Path, dataset: str, modality: str) -> torch.Tensor:
+        """Projected rows (n, anchor dim), L2-normalised, in chunks of 8192 rows."""
+        cache = open_cache(root, dataset, self.spaces[0], modality, self.dims[modality])
+        chunks = (torch.from_numpy(x) for _, x in cache.iter_chunks(8192))
+        parts = [F.normalize(self.mixture(x), dim=-1) for x in chunks]
+        if parts:
+            return torch.cat(parts)
+        return torch.zeros(0, self.mixture.experts[0].mlp[3].out_features)
+
+
+class OmniExport:
+    """The route stage's omni model, with its routers or with uniform group weights (`average`)."""
+
+    def __init__(self, name: str, spec: str, bound_dir: Path, omni_dir: Path) -> None:
+        where, _, weighting = spec.partition(":")
+        self.weighting = weighting or "routed"
+        if self.weighting not in WEIGHTINGS:
+            raise ValueError(f"method {name!r}: weighting {self.weighting!r} is not routed or "
+                             "average")  # fmt: skip
+        directory = Path(omni_dir) / where
+        try:
+            self.model = OmniModel.load(directory)
+        except CacheError as e:
+            raise CacheError(f"method {name!r}: {e}; train it with stage=route") from e
+        self.name, self.modalities = name, tuple(modalities_of(self.model.meta))
+        self.spaces = list(
+            dict.fromkeys(s for m in self.modalities for s in self.model.needed_spaces(m))
+        )
+
+    def embed(self, root: Path, dataset: str, modality: str) -> torch.Tensor:
+        """Omni embeddings (n, omni dim) through the modality's router and groups."""
+        return self.model.embed(root, dataset, modality, weighting=self.weighting)
+
+
+# One line per kind of method: spec `<kind>:<argument>`.
+METHODS: dict[str, Callable[[str, str, Path, Path], Method]] = {
+    "raw": RawSpace,
+    "bound": BoundSpace,
+    "omni": OmniExport,
+}
+
+
+def make_method(spec: str, bound_dir: str | Path = ".", omni_dir: str | Path = ".") -> Method:
+    """The method of `[<name>=]<kind>:<argument>`: `raw:clap`, `avg=omni:base/routed:average`."""
+    spec = str(spec)
+    name, sep, rest = spec.partition("=")
+    if not sep or ":" in name:  # no name given: the spec names itself
+        name, rest = spec, spec
+    kind, _, argument = rest.partition(":")
+    if kind not in METHODS or not argument or not name:
+        raise ValueError(
+            f"evaluate.methods: {spec!r} is not [<name>=]<kind>:<argument> with kind in "
+            f"{list(METHODS)}"
+        )
+    return METHODS[kind](name, argument, Path(bound_dir), Path(omni_dir))

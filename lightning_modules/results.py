@@ -1,0 +1,131 @@
+"""The evaluate stage's reports: results.md (complete), a compact console summary, a W&B table.
+
+`results` is the stage's results.json object: {"methods": {name: {"retrieval": {key: fraction},
+"zeroshot": {key: fraction}, "summary": {"mean_R@1": ..., ...}}}, ...}.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from lightning_modules.benchmarks import Benchmarks
+from lightning_modules.scoring import TIES, mean_r1
+
+ARROW = "\u2192"
+
+
+def _by_k(key: str) -> tuple[str, int]:
+    """Sort key: R@5 before R@10, top1 before top5."""
+    head, _, last = key.rpartition("/")
+    digits = "".join(c for c in last if c.isdigit())
+    return head + "/" + last.rstrip("0123456789@"), int(digits or 0)
+
+
+def columns(benchmarks: Benchmarks, methods: Mapping[str, Mapping]) -> tuple[list, list]:
+    """Retrieval and zero-shot result keys in manifest order, as produced by any method."""
+    seen = {k for m in methods.values() for k in m["retrieval"]}
+    retrieval = []
+    for bench in benchmarks.retrieval:
+        for q, t in (bench.modalities, bench.modalities[::-1]):
+            for key in sorted((k for k in seen if k.startswith(f"{q}_to_{t}/")), key=_by_k):
+                if key.count("/") == 1 or f"/{bench.name}/" in key:
+                    retrieval.append(key)
+    retrieval = list(dict.fromkeys(retrieval))
+    seen = {k for m in methods.values() for k in m["zeroshot"]}
+    zeroshot = []
+    for bench in benchmarks.zeroshot:
+        prefix = f"{bench.modality}/{bench.name}/"
+        zeroshot += sorted((k for k in seen if k.startswith(prefix)), key=_by_k)
+    return retrieval, zeroshot
+
+
+def label(key: str) -> str:
+    """A result key as a column title: `text_to_audio/R@1` -> `text→audio R@1`."""
+    parts = key.split("/")
+    if "_to_" in parts[0]:
+        q, t = parts[0].split("_to_")
+        return " ".join([f"{q}{ARROW}{t}", *parts[1:]])
+    return " ".join(parts[1:])
+
+
+def percent(value: float | None) -> str:
+    """A fraction as a percentage with 2 decimals; `-` for a metric the method does not cover."""
+    return "-" if value is None else f"{100 * value:.2f}"
+
+
+def markdown(results: Mapping, benchmarks: Benchmarks) -> str:
+    """results.md: percent tables like the paper's Tables 2 and 3, methods as rows."""
+    methods = results["methods"]
+    retrieval, zeroshot = columns(benchmarks, methods)
+    note = f"Manifest `{benchmarks.path}`. Percentages; `-`: the method does not cover it. {TIES}"
+    lines = [f"# Evaluation on {benchmarks.name}", "", note, ""]
+
+    def table(title: str, keys: list[str], kind: str, extra: str | None = None) -> None:
+        header = ["method", *(label(k) for k in keys)] + ([extra] if extra else [])
+        lines.extend([f"## {title}", "", "| " + " | ".join(header) + " |",
+                      "|" + "---|" * len(header)])  # fmt: skip
+        for name, m in methods.items():
+            cells = [percent(m[kind].get(k)) for k in keys]
+            if extra:
+                cells.append(percent(m["summary"]["mean_R@1"]))
+            lines.append("| " + " | ".join([f"`{name}`", *cells]) + " |")
+        lines.append("")
+
+    if retrieval:
+        table("Cross-modal retrieval (Table 2)", retrieval, "retrieval", "mean R@1 (covered)")
+    if zeroshot:
+        table("Zero-shot classification (Table 3)", zeroshot, "zeroshot")
+    return "\n".join(lines)
+
+
+def _zeroshot_top1(scores: Mapping[str, float]) -> float | None:
+    top1 = [v for k, v in scores.items() if k.endswith("/top1")]
+    return sum(top1) / len(top1) if top1 else None
+
+
+def compact_summary(results: Mapping, width: int = 100) -> str:
+    """One line per method, at most `width` columns: mean R@1, text R@1, video R@1, zero-shot.
+
+    text R@1 is the mean R@1 of the directions to or from text; the video column appears only
+    when some method scored video. Percentages; `-` where a method covers nothing of it.
+    """
+    methods = results["methods"]
+    rows = {
+        name: {
+            "dirs": str(len([k for k in m["retrieval"] if k.endswith("/R@1")])),
+            "mean R@1": percent(m["summary"]["mean_R@1"]),
+            "text R@1": percent(mean_r1(m["retrieval"], "text")),
+            "video R@1": percent(mean_r1(m["retrieval"], "video")),
+            "zero-shot top1": percent(_zeroshot_top1(m["zeroshot"])),
+        }
+        for name, m in methods.items()
+    }
+    heads = ["dirs", "mean R@1", "text R@1", "video R@1", "zero-shot top1"]
+    if all(r["video R@1"] == "-" for r in rows.values()):
+        heads.remove("video R@1")
+    cells = "".join(f"{h:>{len(h) + 2}}" for h in heads)
+    name_width = min(max([len("method"), *map(len, rows)]), width - len(cells))
+    fit = lambda s: s if len(s) <= name_width else s[: name_width - 1] + "\u2026"  # noqa: E731
+    lines = [f"{'method':<{name_width}}{cells}"]
+    for name, r in rows.items():
+        lines.append(f"{fit(name):<{name_width}}" + "".join(f"{r[h]:>{len(h) + 2}}" for h in heads))
+    return "\n".join(lines)
+
+
+def log_wandb(run, results: Mapping, benchmarks: Benchmarks) -> None:
+    """A W&B Table (methods as rows, percentages) and fractions in the run's summary."""
+    import wandb  # optional and slow to import: only when a W&B logger is configured
+
+    retrieval, zeroshot = columns(benchmarks, results["methods"])
+    data = []
+    for name, m in results["methods"].items():
+        values = [m["retrieval"].get(k) for k in retrieval] + [
+            m["zeroshot"].get(k) for k in zeroshot
+        ]
+        values.append(m["summary"]["mean_R@1"])
+        data.append([name, *(None if v is None else 100 * v for v in values)])
+        for kind in ("retrieval", "zeroshot", "summary"):
+            for key, value in m[kind].items():
+                run.summary[f"evaluate/{name}/{kind}/{key}"] = value
+    table = wandb.Table(columns=["method", *retrieval, *zeroshot, "mean_R@1"], data=data)
+    run.log({"evaluate/results": table})
