@@ -1,13 +1,18 @@
 """Inference: an omni model as an embedding and retrieval API, and a small search CLI.
 
-    bind = OmniBind.load("outputs/omni/base/routed")           # route export or stage=convert's
+    bind = OmniBind.from_pretrained("outputs/omni/base/routed")  # any export, or a Hub id
+    bind.save_pretrained("my-omnibind", results="runs/main/results.md")  # Hub-style directory
     z = bind.embed_spaces({"wavcaps": {"audio": a}, ...})       # {modality: (n, omni_dim)}
     z = OmniBind.load(d, encoders={...}).embed(audio=[...], text=["a dog barks"])
     gallery = build_gallery(bind, root, "test_audio_text", "audio", "gallery/audio")
     scores, rows = gallery.search(compose(z, {"audio": 1.0, "text": 0.5}), k=5)
 
+`save_pretrained` writes what huggingface_hub's ModelHubMixin expects: model.safetensors,
+config.json (the omni layout and the weights' sha256) and a generated model card (README.md).
+`from_pretrained` reads that, or a route/convert export (omni.safetensors + omni.json).
+
 Omni embeddings are L2-normalised; a gallery is an embedding cache (datamodules/cache.py) of
-them, searched exactly (blocked matmul or faiss, lightning_modules/pair.py; on equal scores the
+them, searched exactly (blocked matmul or faiss, lightning_modules/search.py; on equal scores the
 lower row wins).
 
     python -m lightning_modules.inference index --model M --root R --dataset D --modality X --out G
@@ -18,22 +23,43 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
+import os
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import safetensors.torch
 import torch
 import torch.nn.functional as F
+from huggingface_hub import ModelCard, ModelHubMixin, hf_hub_download
+from safetensors import SafetensorError
 
-from datamodules.cache import CacheError, CacheWriter, EmbeddingCache, cache_dir, sha256_file
+from datamodules.artifacts import atomic_write, atomic_write_json, sha256_file, verify_file
+from datamodules.cache import CacheError, CacheWriter, EmbeddingCache, cache_dir
 from encoders.modalities import MODALITIES, check_modality, resolve_device
-from lightning_modules.omni import EXPORT_WEIGHTS, WEIGHTINGS, OmniModel, modalities_of
+from lightning_modules.omni import (
+    EXPORT_META,
+    EXPORT_WEIGHTS,
+    WEIGHTINGS,
+    OmniModel,
+    modalities_of,
+)
 from lightning_modules.search import pool_rows, search
 
+# What save_pretrained writes (Hugging Face conventions) and the config.json format tag.
+HUB_WEIGHTS, HUB_CONFIG, HUB_CARD = "model.safetensors", "config.json", "README.md"
+HUB_FORMAT = "omnibind-omni/1"
 
-class OmniBind:
+
+class OmniBind(
+    ModelHubMixin,
+    library_name="omnibind",
+    tags=["omnibind", "multimodal", "embeddings", "retrieval"],
+    paper_url="https://arxiv.org/abs/2407.11895",
+):
     """An omni model for use: embeddings from per-space embeddings or raw items.
 
     encoders: {space: encoder}, each taking {modality: [raw items]} to {modality: (n, dim_space)}
@@ -52,6 +78,7 @@ class OmniBind:
         self.device = resolve_device(device)
         self.model = model.eval().to(self.device)
         self.directory: Path | None = None  # the export it was loaded from, if any
+        self.weights_sha256: str | None = None  # of the weights file it was loaded from, if any
         self.encoders = dict(encoders or {})
         self.weighting = weighting
         # Spaces whose modality is another space's embedding (Uni3D's image/text are EVA02-E's).
@@ -68,13 +95,135 @@ class OmniBind:
         """From an omni export directory (stage=route or stage=convert)."""
         bind = cls(OmniModel.load(directory), encoders, weighting, device)
         bind.directory = Path(directory)
+        bind.weights_sha256 = bind.model.meta.get("sha256") or sha256_file(
+            bind.directory / EXPORT_WEIGHTS
+        )
         return bind
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        pretrained_model_name_or_path: str | Path,
+        *,
+        encoders: Mapping[str, Any] | None = None,
+        weighting: str | None = None,
+        device: str | torch.device = "cpu",
+        **hub_kwargs: Any,
+    ) -> OmniBind:
+        """From a save_pretrained directory, a Hub id, or a route/convert export directory.
+
+        weighting: None keeps the saved one. hub_kwargs (revision, cache_dir, token,
+        local_files_only, force_download) go to huggingface_hub for Hub ids. The weights are
+        checked against the sha256 in config.json before use.
+        """
+        path = Path(pretrained_model_name_or_path)
+        if path.is_dir() and not (path / HUB_CONFIG).exists():
+            if not (path / EXPORT_META).exists():
+                raise CacheError(f"{path}: neither a save_pretrained directory ({HUB_CONFIG}) "
+                                 f"nor an omni export ({EXPORT_META})")  # fmt: skip
+            return cls.load(path, encoders, weighting or "routed", device)
+        chosen = {"encoders": encoders, "weighting": weighting, "device": device}
+        model_kwargs = {k: v for k, v in chosen.items() if v is not None}
+        return super().from_pretrained(pretrained_model_name_or_path, **hub_kwargs, **model_kwargs)
+
+    @classmethod
+    def _from_pretrained(
+        cls,
+        *,
+        model_id: str,
+        revision: str | None,
+        cache_dir: str | Path | None,
+        force_download: bool,
+        local_files_only: bool,
+        token: str | bool | None,
+        config: dict | None = None,
+        encoders: Mapping[str, Any] | None = None,
+        weighting: str = "routed",
+        device: str | torch.device = "cpu",
+    ) -> OmniBind:
+        """ModelHubMixin's hook: config.json is read already; fetch, verify and load the weights."""
+        where = f"{model_id}/{HUB_CONFIG}"
+        if not isinstance(config, dict) or config.get("format") != HUB_FORMAT:
+            found = config.get("format") if isinstance(config, dict) else None
+            raise CacheError(f"{where}: not an OmniBind config (format {found!r}, expected "
+                             f"{HUB_FORMAT!r}); write one with save_pretrained")  # fmt: skip
+        if os.path.isdir(model_id):
+            weights = Path(model_id) / HUB_WEIGHTS
+        else:
+            weights = Path(hf_hub_download(
+                repo_id=model_id, filename=HUB_WEIGHTS, revision=revision, cache_dir=cache_dir,
+                force_download=force_download, token=token, local_files_only=local_files_only,
+            ))  # fmt: skip
+        verify_file(weights, config.get("sha256"), recorded_in=where,
+                    repair="save it again with save_pretrained, or download it again "
+                           "(force_download=True)")  # fmt: skip
+        meta = config.get("omni")
+        try:
+            model = OmniModel(meta, meta.get("kind", "routed"))
+            model.load_state_dict(safetensors.torch.load_file(str(weights)), strict=True)
+        except (RuntimeError, OSError, SafetensorError, KeyError, TypeError, AttributeError) as e:
+            raise CacheError(f"{weights}: does not match the layout in {where} ({e!r})") from e
+        bind = cls(model.eval(), encoders, weighting, device)
+        bind.directory, bind.weights_sha256 = weights.parent, config["sha256"]
+        return bind
+
+    def save_pretrained(
+        self,
+        save_directory: str | Path,
+        *,
+        results: str | Path | None = None,
+        command: str | None = None,
+        model_card_kwargs: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> str | None:
+        """Write model.safetensors, config.json and a model card (README.md) into a directory.
+
+        results: a results.md path or the table's markdown (default: results.md of the export it
+        was loaded from, if there is one). command: the training command (default: the export's
+        `command`). Other arguments are ModelHubMixin.save_pretrained's (push_to_hub, repo_id).
+        """
+        # The card describes these weights: an old one in the directory would be kept otherwise.
+        (Path(save_directory) / HUB_CARD).unlink(missing_ok=True)
+        card = {"results": results, "command": command, **(model_card_kwargs or {})}
+        return super().save_pretrained(save_directory, model_card_kwargs=card, **kwargs)
+
+    def _save_pretrained(self, save_directory: Path) -> None:
+        """ModelHubMixin's hook: the weights (safetensors), then config.json with their sha256."""
+        tensors = {k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}
+        data = safetensors.torch.save(tensors, metadata={"format": "pt"})
+        atomic_write(save_directory / HUB_WEIGHTS, lambda f: f.write(data))
+        config = dict(
+            format=HUB_FORMAT,
+            weighting=self.weighting,
+            sha256=hashlib.sha256(data).hexdigest(),
+            omni=self.model.meta,
+        )
+        atomic_write_json(save_directory / HUB_CONFIG, config)
+
+    def generate_model_card(
+        self, results: str | Path | None = None, command: str | None = None, **kwargs: Any
+    ) -> ModelCard:
+        """A model card: the spaces, the routing groups, the tuple source, results and command."""
+        return ModelCard(
+            f"---\n{self._hub_mixin_info.model_card_data.to_yaml()}\n---\n"
+            + model_card_text(self, self._results_table(results), command)
+        )
+
+    def _results_table(self, results: str | Path | None) -> str | None:
+        if results is None:
+            beside = self.directory / "results.md" if self.directory else None
+            return beside.read_text() if beside and beside.is_file() else None
+        if isinstance(results, Path) or ("\n" not in results and results.endswith(".md")):
+            if not Path(results).is_file():
+                raise FileNotFoundError(f"results={str(results)!r}: no such results file")
+            return Path(results).read_text()
+        return results
 
     def fingerprint(self) -> str:
         """A hash of the weights and the weighting: what a gallery of this model depends on."""
         h = hashlib.sha256(self.weighting.encode())
-        if self.directory is not None:
-            h.update(sha256_file(self.directory / EXPORT_WEIGHTS).encode())
+        if self.weights_sha256 is not None:
+            h.update(self.weights_sha256.encode())
         else:
             for key, value in self.model.state_dict().items():
                 h.update(key.encode() + value.detach().cpu().contiguous().numpy().tobytes())
@@ -201,6 +350,70 @@ class OmniBind:
                 x = np.stack([np.asarray(data[r : r + 1][0], dtype=np.float32) for r in rows])
             inputs[space] = {modality: torch.from_numpy(x)}
         return self.embed_spaces(inputs)[modality]
+
+
+def model_card_text(bind: OmniBind, results: str | None, command: str | None) -> str:
+    """The markdown body of an omni model's card."""
+    meta = bind.model.meta
+    name = f"OmniBind {meta.get('variant', '')} ({meta.get('kind', 'routed')})".replace(" ()", "")
+    lines = [
+        f"# {name}",
+        "",
+        "An omni embedding model trained with the open OmniBind framework "
+        "([paper](https://arxiv.org/abs/2407.11895)). It maps "
+        f"embeddings of {len(meta['spaces']) + 1} frozen spaces into one {bind.dim}-d space (the "
+        f"anchor `{meta['anchor']}`'s) for {', '.join(bind.modalities)}. Outputs are "
+        "L2-normalised.",
+        "",
+        "## Spaces",
+        "",
+        "| space | input dims | experts | hidden dim |",
+        "|---|---|---|---|",
+        f"| `{meta['anchor']}` (anchor, used as is) | {bind.dim} | | |",
+    ]
+    for space, b in meta["spaces"].items():
+        dims = ", ".join(f"{m} {d}" for m, d in b["dims"].items())
+        experts = ", ".join(map(str, b["experts"]))
+        lines.append(f"| `{space}` | {dims} | {experts} | {b['hidden_dim']} |")
+    lines += ["", "## Routing", "", "| modality | groups | router reads |", "|---|---|---|"]
+    for m in bind.modalities:
+        groups = ", ".join(f"`{g}`" for g in meta["groups"][m])
+        predictors = ", ".join(f"`{p}`" for p in meta["predictors"][m])
+        lines.append(f"| {m} | {groups} | {predictors} |")
+    if meta.get("blends"):
+        lines += ["", f"Fixed blends: `{json.dumps(meta['blends'], sort_keys=True)}`."]
+    if meta.get("checkpoint_sha256"):
+        digest = meta["checkpoint_sha256"]
+        source = f"converted from an official OmniBind checkpoint (sha256 `{digest}`)"
+    else:
+        source = f"`{meta['pairs']}`" if meta.get("pairs") else "not recorded in the export"
+    command = command or meta.get("command")
+    lines += [
+        "",
+        "## Training data",
+        "",
+        f"Tuple source: {source}.",
+        "",
+        "## Results",
+        "",
+        results.strip() if results else "No results table was given.",
+        "",
+        "## Training command",
+        "",
+        f"```bash\n{command}\n```" if command else "Not recorded in the export.",
+        "",
+        "## Usage",
+        "",
+        "```python",
+        "from lightning_modules.inference import OmniBind",
+        "",
+        'bind = OmniBind.from_pretrained("<this directory or Hub id>")',
+        "z = bind.embed_spaces({space: {modality: embeddings}})  # {modality: (n, "
+        f"{bind.dim})}}",
+        "```",
+        "",
+    ]
+    return "\n".join(lines)
 
 
 def compose(
@@ -354,7 +567,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     index = sub.add_parser("index", help="embed (dataset, modality) into an omni gallery cache")
     find = sub.add_parser("search", help="search a gallery with cached rows (composable)")
     for p in (index, find):
-        p.add_argument("--model", required=True, help="omni export dir (stage=route or convert)")
+        p.add_argument(
+            "--model", required=True, help="omni export dir (route, convert), save_pretrained dir"
+        )
         p.add_argument("--root", required=True, help="data root of the per-space caches")
         p.add_argument("--weighting", default="routed", choices=WEIGHTINGS)
         p.add_argument("--device", default="cpu", help="cpu | cuda[:i] | auto")
@@ -374,7 +589,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     find.add_argument("--backend", default="torch", choices=("torch", "faiss"))
     args = parser.parse_args(argv)
     try:
-        bind = OmniBind.load(args.model, weighting=args.weighting, device=args.device)
+        bind = OmniBind.from_pretrained(args.model, weighting=args.weighting, device=args.device)
         if args.command == "index":
             gallery = build_gallery(bind, args.root, args.dataset, args.modality, args.out,
                                     dtype=args.dtype, overwrite=args.overwrite)  # fmt: skip
