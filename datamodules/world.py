@@ -12,6 +12,22 @@ so the world simulates whichever spaces a run names, with their real dims.
 
 Every random draw is keyed by (seed, dataset, modality[, space]), so adding a space never changes
 another space's caches, and the same seed writes the same bytes.
+
+The realistic world (v2, `conf/data/world_v2.yaml`) adds, each behind its own data key whose null
+default leaves the v1 world byte for byte as it was:
+- `hierarchy`: coarse categories hold fine concepts, z = sqrt(1 - r^2) * coarse + r * own, so a
+  wrong top-1 is usually a semantic neighbour; pools and paired sets carry a `coarse` extra.
+- `aspect_sharing` a: the sound, appearance and shape blocks derive from the common (semantic)
+  block, block = sqrt(a) * common @ M_block + sqrt(1 - a) * own, for concepts and instances alike.
+- `pool_coverage`: per modality, the share of train concepts a pool covers and a Zipf exponent of
+  their popularity (not every concept has audio or 3D; AudioSet and Objaverse are long-tailed).
+- `audio_labels`: pool audio is multi-label (a clip mixes 1, 2, 3... concepts; `multilabels` extra).
+- `vague_captions`: the share of pool captions that name only the coarse category (alt-text).
+- `calibrated`: each space's `world.v2` block overrides its `world` block. Its values are fitted by
+  `bench/calibration.py` to the real spaces' R@1 at benchmark gallery sizes. A `tower: <space>`
+  there makes the space's modalities that the tower space embeds the tower's own encoder (same
+  weights, same noise draws: identical embeddings), as Uni3D's image and text are EVA02-E's; its
+  other modalities (Uni3D's points) go through the tower's network with their own settings.
 """
 
 from __future__ import annotations
@@ -37,6 +53,7 @@ from datamodules.tuples import save_tuples
 from encoders.modalities import MODALITIES, PAIRS, PROVENANCES
 
 log = logging.getLogger(__name__)
+SPACE_DIR = Path(__file__).resolve().parents[1] / "conf" / "space"
 
 BLOCK, STYLE = 16, 16
 LATENT = 4 * BLOCK
@@ -65,6 +82,17 @@ def _rng(seed: int, *parts: object) -> np.random.Generator:
     return np.random.default_rng([seed, _key(*parts)])
 
 
+def _merge(base: Mapping, over: Mapping) -> dict:
+    """`base` with `over` merged in, key by key into nested mappings (v2 names what changes)."""
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
 def _view_key(modality: str, view: str) -> str:
     """The key under a space's `world.noise.<modality>` for an item view."""
     return view.removeprefix("caption_") if modality == "text" else view
@@ -81,6 +109,23 @@ class World:
         self.n_train, n_val, n_test = (int(c) for c in counts)
         total = self.n_train + n_val + n_test
         self.concepts = _rng(self.seed, "concepts").standard_normal((total, LATENT), np.float32)
+        # v2: coarse categories (each split cycles through them, so train has n_train / n_coarse
+        # fine concepts per category and held-out concepts are neighbours of train ones).
+        self.coarse: np.ndarray | None = None
+        hierarchy = cfg.get("hierarchy")
+        if hierarchy is not None:
+            n_coarse, r = int(hierarchy["coarse"]), float(hierarchy["r"])
+            if n_coarse < 1 or not 0 <= r <= 1:
+                raise ValueError(
+                    f"data.hierarchy={dict(hierarchy)}: expected coarse >= 1 and 0 <= r <= 1"
+                )
+            splits = (self.n_train, n_val, n_test)
+            self.coarse = np.concatenate([np.arange(c) % n_coarse for c in splits])
+            means = _rng(self.seed, "coarse").standard_normal((n_coarse, LATENT), np.float32)
+            # The part a category's fine concepts share: what a caption naming only it describes.
+            self.coarse_means = np.float32(np.sqrt(1 - r * r)) * means
+            self.concepts = self.coarse_means[self.coarse] + np.float32(r) * self.concepts
+        self.mixing = self._aspect_mixing(cfg.get("aspect_sharing"))
         self.split = {
             "train": np.arange(self.n_train),
             "val": np.arange(self.n_train, self.n_train + n_val),
@@ -89,14 +134,54 @@ class World:
         style = _rng(self.seed, "style").standard_normal((len(VIEWS), STYLE))
         style *= float(cfg["style_norm"]) / np.linalg.norm(style, axis=1, keepdims=True)
         self.style = {v: style[i].astype(np.float32) for i, v in enumerate(VIEWS)}
-        self._weights: dict[str, tuple] = {}  # drawing a space's encoder costs more than using it
+        self._weights: dict[tuple, tuple] = {}  # drawing an encoder costs more than using it
 
-    def _check_space(self, name: str, space: Mapping) -> dict:
+    def _aspect_mixing(self, sharing: float | None) -> np.ndarray | None:
+        """(64, 64) map that derives the sound, appearance and shape blocks from the common one."""
+        if sharing is None:
+            return None
+        a = float(sharing)
+        if not 0 <= a <= 1:
+            raise ValueError(f"data.aspect_sharing={sharing}: expected a value in [0, 1]")
+        r = _rng(self.seed, "aspects")
+        mix = np.eye(LATENT, dtype=np.float32) * np.float32(np.sqrt(1 - a))
+        mix[:BLOCK, :BLOCK] = np.eye(BLOCK, dtype=np.float32)
+        for j in range(1, 4):
+            # A random rotation per aspect: sound relates to the semantics differently than shape.
+            q, _ = np.linalg.qr(r.standard_normal((BLOCK, BLOCK)))
+            mix[:BLOCK, j * BLOCK : (j + 1) * BLOCK] = np.sqrt(a) * q
+        return mix
+
+    def latents(self, concepts: np.ndarray) -> np.ndarray:
+        """Noise-free latents (n, 64) of concept rows: the concepts with their aspects derived."""
+        z = self.concepts[concepts]
+        return z if self.mixing is None else z @ self.mixing
+
+    @staticmethod
+    def _world_block(name: str, space: Mapping, calibrated: bool) -> Mapping:
+        """A space's world settings: `world`, with its `world.v2` block over it when calibrated."""
         world = space.get("world")
         if world is None:
             raise ValueError(
                 f"space {name!r} has no `world` block, so the synthetic world cannot simulate it"
             )
+        if not calibrated:
+            return world  # as v1 read it (its values' types enter the cache fingerprints)
+        plain = (
+            OmegaConf.to_container(world, resolve=True) if isinstance(world, DictConfig) else world
+        )
+        v2 = plain.get("v2")
+        if v2 is None:
+            raise ValueError(
+                f"space {name!r}: data.calibrated=true needs a `world.v2` block in "
+                f"conf/space/{name}.yaml (fit it with bench/calibration.py)"
+            )
+        return _merge({k: v for k, v in plain.items() if k != "v2"}, v2)
+
+    def _check_space(self, name: str, space: Mapping) -> dict:
+        calibrated = bool(self.cfg.get("calibrated") or False)
+        world = self._world_block(name, space, calibrated)
+        tower = world.get("tower")
         for m in space["dims"]:
             if m not in world["attend"] or m not in world["noise"]:
                 raise ValueError(f"space {name!r}: world.attend/noise lack modality {m!r}")
@@ -107,12 +192,39 @@ class World:
         for m, per_view in world["noise"].items():
             mean = float(np.mean(list(per_view.values())))
             noise[m] = {v: max(0.05, mean + s * (float(x) - mean)) for v, x in per_view.items()}
-        return dict(dims=dict(space["dims"]), attend=dict(world["attend"]), noise=noise)
+        out = dict(dims=dict(space["dims"]), attend=dict(world["attend"]), noise=noise)
+        return out if tower is None else self._tower(name, out, str(tower))
+
+    def _tower(self, name: str, own: dict, tower: str) -> dict:
+        """`own` settings with the tower space's encoder for the modalities both embed."""
+        path = SPACE_DIR / f"{tower}.yaml"
+        if not path.exists():
+            raise ValueError(f"space {name!r}: world.v2.tower={tower!r} names no space (no {path})")
+        theirs = self._check_space(tower, OmegaConf.load(path))
+        if "tower" in theirs:
+            raise ValueError(f"space {name!r}: its tower {tower!r} has a tower itself")
+        (dim,) = set(theirs["dims"].values())
+        if set(own["dims"].values()) != {dim}:
+            raise ValueError(
+                f"space {name!r}: dims {own['dims']} differ from its tower {tower!r}'s dim {dim}; "
+                "a shared encoder needs one dim"
+            )
+        shared = [m for m in own["dims"] if m in theirs["dims"]]
+        return dict(
+            own,
+            attend={**own["attend"], **{m: theirs["attend"][m] for m in shared}},
+            noise={**own["noise"], **{m: theirs["noise"][m] for m in shared}},
+            tower=tower,
+            shared=shared,
+        )
+
+    def rng_name(self, name: str, modality: str) -> str:
+        """Whose noise draws encode `modality` in space `name`: its tower's where they share it."""
+        space = self.spaces[name]
+        return space["tower"] if modality in space.get("shared", ()) else name
 
     def encoder_weights(self, name: str) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
         """W1 (80, 2d), W2 (2d, d) and per-modality offsets of space `name` (fixed by the seed)."""
-        if name in self._weights:
-            return self._weights[name]
         space = self.spaces[name]
         dims = set(space["dims"].values())
         if len(dims) != 1:
@@ -120,12 +232,15 @@ class World:
                 f"space {name!r}: the world needs one dim for all modalities, got {dims}"
             )
         d = dims.pop()
+        key = (space.get("tower", name), d)  # a space with a tower uses the tower's network
+        if key in self._weights:
+            return self._weights[key]
         h, din = 2 * d, LATENT + STYLE
-        r = _rng(self.seed, "encoder", name)
+        r = _rng(self.seed, "encoder", key[0])
         w1 = (r.standard_normal((din, h)) / np.sqrt(din)).astype(np.float32)
         w2 = (r.standard_normal((h, d)) / np.sqrt(h)).astype(np.float32)
         off = {m: (0.2 * r.standard_normal(d)).astype(np.float32) for m in MODALITIES}
-        self._weights[name] = (w1, w2, off)
+        self._weights[key] = (w1, w2, off)
         return w1, w2, off
 
     def instances(self, concepts: np.ndarray, r: np.random.Generator) -> np.ndarray:
@@ -133,7 +248,12 @@ class World:
         z = self.concepts[concepts]
         if z.ndim == 3:  # multi-concept items: the normalised sum of their concepts
             z = z.sum(1) / np.sqrt(z.shape[1])
-        return z + float(self.cfg["instance_noise"]) * r.standard_normal(z.shape, np.float32)
+        return self.instances_of(z, r)
+
+    def instances_of(self, z: np.ndarray, r: np.random.Generator) -> np.ndarray:
+        """Instance latents (n, 64) around raw concept latents z (n, 64), aspects derived."""
+        u = z + float(self.cfg["instance_noise"]) * r.standard_normal(z.shape, np.float32)
+        return u if self.mixing is None else u @ self.mixing
 
     def observe(
         self,
@@ -197,12 +317,36 @@ def _text_views(provenance: np.ndarray) -> np.ndarray:
     return np.array([f"caption_{PROVENANCES[p]}" for p in provenance])
 
 
+def _popularity(world: World, modality: str) -> np.ndarray | None:
+    """P(concept) (n_train,) of a v2 pool: a share of the train concepts, Zipf-tailed; v1: None."""
+    coverage = world.cfg.get("pool_coverage")
+    if coverage is None:
+        return None
+    if modality not in coverage:
+        raise ValueError(f"data.pool_coverage has no entry for {modality!r}; expected {MODALITIES}")
+    share, zipf = float(coverage[modality]["share"]), float(coverage[modality]["zipf"])
+    if not 0 < share <= 1 or zipf < 0:
+        raise ValueError(
+            f"data.pool_coverage.{modality}={dict(coverage[modality])}: expected 0 < share <= 1 "
+            "and zipf >= 0"
+        )
+    n = max(1, round(share * world.n_train))
+    covered = _rng(world.seed, "coverage", modality).permutation(world.n_train)[:n]  # by rank
+    p = np.zeros(world.n_train)
+    p[covered] = np.arange(1, n + 1, dtype=np.float64) ** -zipf
+    return p / p.sum()
+
+
 def _pool_meta(world: World, modality: str) -> tuple[np.random.Generator, dict]:
     """The draws of an unpaired training pool before observation: labels, views, extras."""
     cfg = world.cfg
     n = int(cfg["pool_size"][modality])
     r = _rng(world.seed, "pool", modality)
-    labels = r.choice(world.split["train"], n)
+    popularity = _popularity(world, modality)
+    if popularity is None:
+        labels = r.choice(world.split["train"], n)
+    else:
+        labels = r.choice(world.n_train, n, p=popularity)
     extras = {"labels": labels.astype(np.int64)}
     if modality == "image":
         views = np.where(r.random(n) < float(cfg["render_fraction"]), "render", "photo")
@@ -214,13 +358,51 @@ def _pool_meta(world: World, modality: str) -> tuple[np.random.Generator, dict]:
         extras["provenance"] = prov.astype(np.int8)
     else:
         views = np.array([modality] * n)
+    if world.coarse is not None:
+        extras["coarse"] = world.coarse[labels].astype(np.int64)
+    if modality == "audio" and cfg.get("audio_labels") is not None:
+        extras["multilabels"] = _multilabels(world, labels, popularity, r)
+    if modality == "text" and cfg.get("vague_captions"):
+        if world.coarse is None:
+            raise ValueError(
+                "data.vague_captions needs data.hierarchy (a caption names a category)"
+            )
+        extras["vague"] = (r.random(n) < float(cfg["vague_captions"])).astype(np.int8)
     return r, dict(views=views, extras=extras)
+
+
+def _multilabels(
+    world: World, labels: np.ndarray, popularity: np.ndarray | None, r: np.random.Generator
+) -> np.ndarray:
+    """(n, k) concept rows of multi-label audio: column 0 the main label, -1 where fewer labels."""
+    spec = world.cfg["audio_labels"]
+    counts = np.asarray(spec["counts"], np.float64)  # P(1 label), P(2 labels), ...
+    n, k = len(labels), len(counts)
+    many = 1 + r.choice(k, n, p=counts / counts.sum())
+    out = np.full((n, k), -1, np.int64)
+    out[:, 0] = labels
+    others = r.choice(world.n_train, (n, k - 1), p=popularity) if k > 1 else out[:, 1:]
+    for j in range(1, k):
+        keep = (many > j) & ~(others[:, j - 1 : j] == out[:, :j]).any(1)  # no repeated label
+        out[keep, j] = others[keep, j - 1]
+    return out
 
 
 def _pool(world: World, modality: str) -> dict:
     """An unpaired training pool of one modality, drawn from the train concepts."""
     r, pool = _pool_meta(world, modality)
-    latents = world.instances(pool["extras"]["labels"], r)
+    extras = pool["extras"]
+    z = world.concepts[extras["labels"]]
+    if "multilabels" in extras:
+        # A clip is its main sound plus quieter others: z = (z_0 + w * sum z_j) / norm.
+        w = float(world.cfg["audio_labels"]["secondary_weight"])
+        rows = extras["multilabels"][:, 1:]
+        others = np.where((rows >= 0)[..., None], world.concepts[np.maximum(rows, 0)], 0)
+        z = (z + w * others.sum(1)) / np.sqrt(1 + w * w * (rows >= 0).sum(1, keepdims=True))
+        z = z.astype(np.float32)
+    if "vague" in extras:  # a caption that names only the category ("a dog")
+        z = np.where(extras["vague"][:, None] == 1, world.coarse_means[extras["coarse"]], z)
+    latents = world.instances_of(z, r)
     return dict(x=world.observe(latents, pool["views"], r), **pool)
 
 
@@ -243,7 +425,27 @@ def _paired(world: World, split: str, a: str, b: str) -> dict[str, dict]:
         views = np.array([_partner_view(m, partner)] * len(labels))
         x = world.observe(latents, views, _rng(world.seed, split, a, b, m))
         items = np.arange(len(labels), dtype=np.int64)
-        out[m] = dict(x=x, views=views, extras={"labels": labels.astype(np.int64), "items": items})
+        extras = {"labels": labels.astype(np.int64), "items": items}
+        if world.coarse is not None:
+            extras["coarse"] = world.coarse[labels].astype(np.int64)
+        out[m] = dict(x=x, views=views, extras=extras)
+    return out
+
+
+def benchmark_set(
+    world: World, a: str, b: str, n_items: int, captions: int = 1, tag: str = "", split="test"
+) -> dict[str, dict]:
+    """A paired set of a benchmark's size: n_items items of the split's concepts, `captions` texts
+    per item (COCO has 5). Same layout as the paired sets; not written to any cache."""
+    r = _rng(world.seed, "benchmark", tag, a, b, "instances")
+    labels = r.choice(world.split[split], n_items)
+    latents = world.instances(labels, r)
+    out = {}
+    for m, partner in ((a, b), (b, a)):
+        items = np.repeat(np.arange(n_items), captions if m == "text" else 1)
+        views = np.array([_partner_view(m, partner)] * len(items))
+        x = world.observe(latents[items], views, _rng(world.seed, "benchmark", tag, a, b, m))
+        out[m] = dict(x=x, views=views, extras={"labels": labels[items], "items": items})
     return out
 
 
@@ -271,7 +473,7 @@ def _zeroshot(world: World, modality: str, multilabel: bool = False) -> dict[str
     cls = np.repeat(np.arange(len(classes)), n_templates)
     tmpl = np.tile(np.arange(n_templates), len(classes))
     tviews = np.array([_partner_view("text", modality)] * len(cls))
-    tx = world.observe(world.concepts[classes[cls]], tviews, r, style_shift=shifts[tmpl])
+    tx = world.observe(world.latents(classes[cls]), tviews, r, style_shift=shifts[tmpl])
     prompts = dict(
         x=tx,
         views=tviews,
@@ -305,12 +507,17 @@ WORLD_KEYS = (
     "render_fraction", "instance_noise", "observation_noise", "style_noise", "style_norm",
     "specialization", "per_concept", "zeroshot",
 )  # fmt: skip
+# The v2 keys enter a fingerprint only when set, so v1 caches keep their fingerprints.
+V2_KEYS = (
+    "hierarchy", "aspect_sharing", "pool_coverage", "audio_labels", "vague_captions", "calibrated",
+)  # fmt: skip
 
 
 def fingerprint(cfg: Mapping, space: Mapping | None = None) -> str:
     """A short hash of everything that decides a cache's bytes."""
     plain = lambda c: OmegaConf.to_container(c, resolve=True) if isinstance(c, DictConfig) else c  # noqa: E731
     world = {k: plain(cfg[k]) for k in WORLD_KEYS}
+    world.update({k: plain(cfg[k]) for k in V2_KEYS if cfg.get(k) not in (None, False)})
     blob = dict(world=world, space=plain(space) if space is not None else None, dtype=cfg["dtype"])
     return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -346,7 +553,8 @@ def ensure_world(cfg: Mapping, spaces: Mapping[str, Mapping]) -> Path:
         observations = make()
         for name, m, d, fp in todo:
             obs = observations[m]
-            emb = world.encode(name, m, obs["x"], obs["views"], _rng(world.seed, dataset, m, name))
+            r = _rng(world.seed, dataset, m, world.rng_name(name, m))
+            emb = world.encode(name, m, obs["x"], obs["views"], r)
             writer = CacheWriter(
                 d, space=name, modality=m, dim=emb.shape[1], dtype=cfg["dtype"],
                 normalized=True, fingerprint=fp, overwrite=True,
