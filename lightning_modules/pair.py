@@ -1,39 +1,105 @@
-"""Pair stage: pseudo item tuples (point, audio, image, text) retrieved from unpaired pools.
+"""Pair stage: pseudo item tuples retrieved from unpaired pools, then cleaned per pair term.
 
-`python train.py stage=pair` (paper §3.1). Each modality in turn is the starting point; every
-other modality's item is the exact maximum-inner-product top-1 of the starting item in the space
-that `pair.routes` names for that pair. A pair with no route is chained through the modalities
-that `pair.chain` names (audio -> image -> point): each hop takes the top-1 of the previous item.
+`python train.py stage=pair` (paper §3.1). Each modality of `pair.starts` in turn is the starting
+point; every other modality's item is the exact maximum-inner-product top-1 of the starting item
+in the space that `pair.routes` names for that pair. A pair with no route is chained through the
+modalities that `pair.chain` names (audio -> image -> point): each hop takes the top-1 of the
+previous item. A run covers `pair.modalities` (auto: those the routes link whose pools exist), so
+audio, image and text pair without 3D, or image and text alone; tuples hold -1 for the rest.
 
-Search is exact and blocked: a (chunk, gallery_chunk) float32 score block is the only large
-temporary, whatever the pool sizes. Ties are broken deterministically: of equal scores, the lower
-gallery row wins (also inside a top-k list), on both backends.
+Cleaning (`pair.clean`) acts per pair term, not per tuple: a rule that distrusts a hop drops the
+item it retrieved, and every item chained through it, to -1 (missing); `soft` weighs items by
+confidence (`conf_<m>` columns). A tuple is kept while it still holds two items. In order:
+csls (hubness-corrected search), mutual, cross_space, provenance, max_reuse, then soft weights.
 
-Output: a tuple table (`datamodules/tuples.py`) and `pairs_summary.json` beside it.
+Output: a tuple table (`datamodules/tuples.py`) and `pairs_summary.json` beside it, with the kept
+fraction and the fine and coarse concept agreement per start, target and hop after each rule.
+Exact search itself lives in `lightning_modules/search.py`.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
-import torch
 from omegaconf import DictConfig
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from datamodules.cache import CacheError, EmbeddingCache, atomic_write_json, cache_dir
-from datamodules.tuples import save_tuples
+from datamodules.cache import (
+    CacheError,
+    EmbeddingCache,
+    atomic_write_json,
+    cache_dir,
+    cache_is_complete,
+)
+from datamodules.tuples import modalities_of, save_tuples
 from encoders.modalities import MODALITIES, PROVENANCES, check_modality, resolve_device
-from lightning_modules.common import ensure_data, space_configs, to_plain
-from lightning_modules.search import pool_rows, search, search_steps
+from lightning_modules.common import ensure_data, make_logger, space_configs, to_plain
+from lightning_modules.search import csls_bias, pool_rows, search, search_steps, take_rows
 
 log = logging.getLogger(__name__)
-Array = np.ndarray | torch.Tensor
-Advance = Callable[[int], None]
 SUMMARY = "pairs_summary.json"
+Nearest = Mapping[tuple[str, str], tuple[np.ndarray, np.ndarray]]
+
+
+@dataclass(frozen=True)
+class Clean:
+    """The cleaning rules of `pair.clean` (conf/config.yaml documents each); all off by default."""
+
+    csls: int = 0
+    mutual: bool = False
+    cross_k: int = 0
+    cross_threshold: float | None = None
+    cross_spaces: dict = field(default_factory=dict)
+    provenance: bool = False
+    provenance_targets: dict = field(
+        default_factory=lambda: {
+            "point": ["point", "image"],
+            "audio": ["audio"],
+            "image": ["image"],
+        }
+    )
+    max_reuse: int = 0
+    soft: bool = False
+    soft_temperature: float = 0.05
+
+    @classmethod
+    def from_config(cls, cfg: Mapping | None) -> Clean:
+        """Validate `pair.clean`, naming a wrong key or value."""
+        cfg = dict(to_plain(cfg) or {})
+        names = [f.name for f in fields(cls)]
+        unknown = sorted(set(cfg) - set(names))
+        if unknown:
+            raise ValueError(f"pair.clean has unknown keys {unknown}; expected some of {names}")
+        out = cls(**cfg)
+        for key in ("csls", "cross_k", "max_reuse"):
+            value = getattr(out, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"pair.clean.{key}={value!r}; expected an integer >= 0 (0: off)")
+        for key in ("mutual", "provenance", "soft"):
+            if not isinstance(getattr(out, key), bool):
+                raise ValueError(f"pair.clean.{key}={getattr(out, key)!r}; expected true or false")
+        if out.soft_temperature <= 0:
+            raise ValueError(f"pair.clean.soft_temperature={out.soft_temperature}; expected > 0")
+        for p, targets in out.provenance_targets.items():
+            if p not in PROVENANCES:
+                raise ValueError(
+                    f"pair.clean.provenance_targets.{p}: unknown provenance; expected one of "
+                    f"{list(PROVENANCES)}"
+                )
+            for m in targets:
+                check_modality(m, f"pair.clean.provenance_targets.{p}")
+        return out
+
+    @property
+    def cross(self) -> bool:
+        """Whether the cross-space agreement rule is on."""
+        return self.cross_k > 0 or self.cross_threshold is not None
+
 
 # ---------------------------------------------------------------------------- the plan
 
@@ -64,10 +130,12 @@ def plan_paths(
     starts: Sequence[str],
     routes: Mapping[tuple[str, str], str],
     chain: Mapping[str, str | Sequence[str]],
+    modalities: Sequence[str] = MODALITIES,
 ) -> dict[str, dict[str, list[str]]]:
     """{start: {target: [start, *intermediates, target]}}: a direct route, else the chain.
 
-    A chain `a_b: [m]` serves both directions (b -> m -> a reversed); every hop needs a route.
+    Targets are the other `modalities` of the run. A chain `a_b: [m]` serves both directions
+    (b -> m -> a reversed); every hop needs a route.
     """
     chains: dict[tuple[str, str], list[str]] = {}
     for key, via in (chain or {}).items():
@@ -84,7 +152,7 @@ def plan_paths(
     for s in starts:
         check_modality(s, "pair.starts")
         plan[s] = {}
-        for t in MODALITIES:
+        for t in modalities:
             if t == s:
                 continue
             pair = _pair_key(f"{s}_{t}", "pair")
@@ -95,7 +163,8 @@ def plan_paths(
                 raise ValueError(
                     f"no route for {pair[0]}-{pair[1]}: pair.routes has no {pair[0]}_{pair[1]} "
                     f"space and pair.chain does not chain it (routes: "
-                    f"{ {f'{a}_{b}': v for (a, b), v in routes.items()} })"
+                    f"{ {f'{a}_{b}': v for (a, b), v in routes.items()} }); add one, or leave "
+                    f"{pair[1]} out with pair.modalities"
                 )
             path = chains[pair] if chains[pair][0] == s else chains[pair][::-1]
             for x, y in zip(path, path[1:], strict=False):
@@ -129,80 +198,262 @@ def check_route_spaces(
 # ---------------------------------------------------------------------------- tuples
 
 
+@dataclass
+class Hop:
+    """One retrieval hop of the tuples of one start: items of path[-2] -> items of path[-1]."""
+
+    path: tuple[str, ...]  # the modalities from the start to this hop's target
+    rows: slice  # the table rows of this start
+    query: np.ndarray  # (rows,) pool rows of path[-2]
+    item: np.ndarray  # (rows,) pool rows of path[-1] that the hop retrieved
+    score: np.ndarray  # (rows,) float32 search score of (query, item)
+
+    @property
+    def name(self) -> str:
+        """'x->y'."""
+        return f"{self.path[-2]}->{self.path[-1]}"
+
+
 def build_tuples(
     plan: Mapping[str, Mapping[str, list[str]]],
-    nearest: Mapping[tuple[str, str], np.ndarray],
+    nearest: Nearest,
     sizes: Mapping[str, int],
-) -> dict[str, np.ndarray]:
-    """Columns point/audio/image/text (int64 pool rows) and start (int8) of every tuple.
+    modalities: Sequence[str] = MODALITIES,
+) -> tuple[dict[str, np.ndarray], dict[tuple[str, ...], Hop], dict[tuple[str, str], list]]:
+    """The tuple table, its hops and each (start, target) item's hops, before cleaning.
 
-    nearest[(x, y)]: (n_x, k_xy) pool rows of y nearest to each pool row of x. Rows run by start
-    modality (MODALITIES order), then starting pool row, then rank r < topk: the r-th tuple takes
-    the rank-r item of every modality retrieved directly from the start; later chain hops take
-    the top-1 of the item before them.
+    nearest[(x, y)]: (scores (n_x, k_xy), rows (n_x, k_xy)) of the pool rows of y nearest to each
+    pool row of x. Table rows run by start modality (MODALITIES order), then starting pool row,
+    then rank r < topk: the r-th tuple takes the rank-r item of every modality retrieved directly
+    from the start; later chain hops take the top-1 of the item before them. Columns: one per
+    modality (int64, -1 where the start's plan has no path to it) and start (int8).
+    Returns (table, hops {path prefix: Hop}, cells {(start, target): [path prefixes of its hops]}).
     """
-    k = max(nearest[(s, path[1])].shape[1] for s, paths in plan.items() for path in paths.values())
-    columns: dict[str, list[np.ndarray]] = {m: [] for m in (*MODALITIES, "start")}
+    k = max(
+        nearest[(s, path[1])][1].shape[1] for s, paths in plan.items() for path in paths.values()
+    )
+    columns: dict[str, list[np.ndarray]] = {m: [] for m in (*modalities, "start")}
+    hops: dict[tuple[str, ...], Hop] = {}
+    cells: dict[tuple[str, str], list[tuple[str, ...]]] = {}
+    offset = 0
     for s in MODALITIES:
         if s not in plan:
             continue
-        n = sizes[s]
-        rank = np.tile(np.arange(k), n)
-        rows = {s: np.repeat(np.arange(n, dtype=np.int64), k)}
+        n = sizes[s] * k
+        rows = slice(offset, offset + n)
+        rank = np.tile(np.arange(k), sizes[s])
+        items = {s: np.repeat(np.arange(sizes[s], dtype=np.int64), k)}
         for t, path in plan[s].items():
-            cur = nearest[(s, path[1])][rows[s], rank]
-            for x, y in zip(path[1:], path[2:], strict=False):
-                cur = nearest[(x, y)][cur, 0]
-            rows[t] = cur
-        for m in MODALITIES:
-            columns[m].append(rows[m])
-        columns["start"].append(np.full(n * k, MODALITIES.index(s), np.int8))
-    return {c: np.concatenate(v) for c, v in columns.items()}
+            cur, prefixes = items[s], []
+            for h, (x, y) in enumerate(zip(path, path[1:], strict=False)):
+                prefix = tuple(path[: h + 2])
+                if prefix not in hops:
+                    r = rank if h == 0 else 0
+                    scores, found = nearest[(x, y)]
+                    hops[prefix] = Hop(prefix, rows, cur, found[cur, r], scores[cur, r])
+                cur = hops[prefix].item
+                prefixes.append(prefix)
+            items[t], cells[(s, t)] = cur, prefixes
+        for m in modalities:
+            columns[m].append(items.get(m, np.full(n, -1, np.int64)))
+        columns["start"].append(np.full(n, MODALITIES.index(s), np.int8))
+        offset += n
+    return {c: np.concatenate(v) for c, v in columns.items()}, hops, cells
 
 
 def dedupe(table: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Drop rows whose (point, audio, image, text) repeats an earlier row; keeps the order."""
-    items = np.stack([table[m] for m in MODALITIES], 1)
+    """Drop rows whose items (one per modality column, -1 included) repeat an earlier row."""
+    items = np.stack([table[m] for m in modalities_of(table)], 1)
     _, first = np.unique(items, axis=0, return_index=True)
     keep = np.sort(first)
     return {c: v[keep] for c, v in table.items()}
 
 
-def summarize(table: Mapping[str, np.ndarray], labels: Mapping[str, np.ndarray] | None) -> dict:
+def present_items(table: Mapping[str, np.ndarray]) -> np.ndarray:
+    """(n,) how many items each tuple holds."""
+    return np.sum([table[m] >= 0 for m in modalities_of(table)], axis=0)
+
+
+# ---------------------------------------------------------------------------- cleaning
+
+
+def mutual_keep(hop: Hop, nearest: Nearest) -> np.ndarray:
+    """(rows,) bool: the hop's item retrieves its query back as top-1 (cycle-consistent)."""
+    back = nearest[(hop.path[-1], hop.path[-2])][1][:, 0]
+    return back[hop.item] == hop.query
+
+
+def pair_similarity(
+    x: np.ndarray, y: np.ndarray, rows_x: np.ndarray, rows_y: np.ndarray, chunk: int = 65536
+) -> np.ndarray:
+    """(n,) float32 inner products x[rows_x[i]] . y[rows_y[i]], read chunk by chunk."""
+    out = np.empty(len(rows_x), np.float32)
+    for i in range(0, len(rows_x), chunk):
+        a, b = take_rows(x, rows_x[i : i + chunk]), take_rows(y, rows_y[i : i + chunk])
+        out[i : i + chunk] = np.einsum("nd,nd->n", a, b)
+    return out
+
+
+def reuse_keep(hop: Hop, alive: np.ndarray, cap: int) -> np.ndarray:
+    """(rows,) bool: of alive hops retrieving one item, the `cap` best scored (ties: lower row)."""
+    idx = np.flatnonzero(alive)
+    order = idx[np.lexsort((idx, -hop.score[idx], hop.item[idx]))]  # by item, best score first
+    items = hop.item[order]
+    new = np.r_[True, items[1:] != items[:-1]]
+    group_start = np.maximum.accumulate(np.where(new, np.arange(len(order)), 0))
+    keep = np.zeros(len(alive), bool)
+    keep[order[np.arange(len(order)) - group_start < cap]] = True
+    return keep
+
+
+def soft_conf(hop: Hop, nearest: Nearest, k: int, temperature: float) -> np.ndarray:
+    """(rows,) float32 weight of a first hop's rank-r item: softmax of its start's top-k scores."""
+    scores = nearest[hop.path[:2]][0][hop.query][:, :k] / temperature  # (rows, k) per start item
+    weights = np.exp(scores - scores.max(1, keepdims=True))
+    weights /= weights.sum(1, keepdims=True)
+    rank = np.tile(np.arange(k), len(hop.query) // k)
+    return weights[np.arange(len(rank)), rank].astype(np.float32)
+
+
+def apply_cells(
+    table: Mapping[str, np.ndarray],
+    cells: Mapping[tuple[str, str], list],
+    hop_keep: Mapping[tuple, np.ndarray],
+    cell_keep: Mapping[tuple[str, str], np.ndarray],
+    hops: Mapping[tuple, Hop],
+) -> dict[str, np.ndarray]:
+    """A copy of the table where each item whose hops or cell rule fail is -1."""
+    out = {c: v.copy() for c, v in table.items()}
+    for (s, t), prefixes in cells.items():
+        rows = hops[prefixes[0]].rows
+        keep = np.logical_and.reduce([hop_keep[p] for p in prefixes])
+        if (s, t) in cell_keep:
+            keep &= cell_keep[(s, t)]
+        out[t][rows][~keep] = -1
+    return out
+
+
+# ---------------------------------------------------------------------------- summary
+
+
+def _agreement(table: Mapping[str, np.ndarray], labels: Mapping[str, np.ndarray]) -> dict:
+    """Fine (or coarse) concept agreement of a table's tuples with their start item, per start.
+
+    concept_agreement[s]: fraction of tuples started from s whose present items all carry the
+    starting item's concept. chance_agreement[s]: the same if the other present items were drawn
+    uniformly from their pools. target_agreement[s][t]: fraction of those holding a t item whose
+    t item carries the starting item's concept.
+    """
+    mods = [m for m in modalities_of(table) if m in labels]
+    n_concepts = 1 + max(int(labels[m].max()) for m in mods)
+    share = {m: np.bincount(labels[m], minlength=n_concepts) / len(labels[m]) for m in mods}
+    concept = {m: np.where(table[m] >= 0, labels[m][np.maximum(table[m], 0)], -1) for m in mods}
+    starts = table["start"]
+    agree, chance, target = {}, {}, {}
+    own_all = np.full(len(starts), -1)
+    for i, s in enumerate(MODALITIES):
+        rows = starts == i
+        if s not in mods or not rows.any():
+            continue
+        own = concept[s][rows]
+        own_all[rows] = own
+        others = [t for t in mods if t != s]
+        has = {t: table[t][rows] >= 0 for t in others}
+        same = {t: concept[t][rows] == own for t in others}
+        agree[s] = float(np.logical_and.reduce([same[t] | ~has[t] for t in others]).mean())
+        target[s] = {t: float(same[t][has[t]].mean()) if has[t].any() else None for t in others}
+        p = np.prod([np.where(has[t], share[t][own], 1.0) for t in others], axis=0)
+        chance[s] = float(p.mean())
+    overall = np.logical_and.reduce([(concept[m] == own_all) | (table[m] < 0) for m in mods])
+    return dict(
+        concept_agreement=agree,
+        chance_agreement=chance,
+        target_agreement=target,
+        concept_agreement_overall=float(overall.mean()) if len(overall) else None,
+    )
+
+
+def summarize(
+    table: Mapping[str, np.ndarray],
+    labels: Mapping[str, np.ndarray] | None,
+    coarse: Mapping[str, np.ndarray] | None = None,
+) -> dict:
     """Counts per starting modality and, given pool labels, how often tuples share a concept.
 
-    concept_agreement[s]: fraction of tuples started from s whose items all carry the starting
-    item's concept. chance_agreement[s]: the same if the other items were drawn uniformly at
-    random from their pools (the product of each pool's share of that concept).
-    target_agreement[s][t]: fraction whose t item carries the starting item's concept.
+    The keys of `_agreement` for the fine labels, and under `coarse` for the coarse ones.
     """
     starts = table["start"]
     out: dict = {
         "tuples": int(len(starts)),
         "counts": {m: int((starts == i).sum()) for i, m in enumerate(MODALITIES)},
+        "items": {m: int((table[m] >= 0).sum()) for m in modalities_of(table)},
     }
     if labels is None:
         return out
-    concept = {m: labels[m][table[m]] for m in MODALITIES}
-    n_concepts = 1 + max(int(v.max()) for v in labels.values())
-    share = {m: np.bincount(labels[m], minlength=n_concepts) / len(labels[m]) for m in MODALITIES}
-    agree, chance, target = {}, {}, {}
-    for i, s in enumerate(MODALITIES):
-        rows = starts == i
-        if not rows.any():
-            continue
-        own = concept[s][rows]
-        same = {t: concept[t][rows] == own for t in MODALITIES if t != s}
-        agree[s] = float(np.logical_and.reduce(list(same.values())).mean())
-        target[s] = {t: float(v.mean()) for t, v in same.items()}
-        chance[s] = float(np.prod([share[t][own] for t in MODALITIES if t != s], axis=0).mean())
-    everything = np.logical_and.reduce([concept[m] == concept[MODALITIES[0]] for m in MODALITIES])
-    out.update(
-        concept_agreement=agree,
-        chance_agreement=chance,
-        target_agreement=target,
-        concept_agreement_overall=float(everything.mean()),
-    )
+    out.update(_agreement(table, labels))
+    if coarse is not None:
+        out["coarse"] = _agreement(table, coarse)
+    return out
+
+
+def hop_stats(
+    hops: Mapping[tuple, Hop],
+    keep: Mapping[tuple, np.ndarray],
+    labels: Mapping[str, np.ndarray] | None,
+    coarse: Mapping[str, np.ndarray] | None,
+) -> dict[str, dict]:
+    """Per hop 'x->y' over all starts: count, kept fraction, fine and coarse agreement kept."""
+    grouped: dict[str, list[tuple]] = {}
+    for prefix, hop in hops.items():
+        grouped.setdefault(hop.name, []).append(prefix)
+    out = {}
+    for name, prefixes in grouped.items():
+        x, y = name.split("->")
+        kept = np.concatenate([keep[p] for p in prefixes])
+        entry: dict = {"hops": int(len(kept)), "kept_fraction": float(kept.mean())}
+        for key, lab in (("fine", labels), ("coarse", coarse)):
+            if lab is None or not kept.any():
+                continue
+            q = np.concatenate([hops[p].query for p in prefixes])[kept]
+            it = np.concatenate([hops[p].item for p in prefixes])[kept]
+            entry[key] = float((lab[x][q] == lab[y][it]).mean())
+        out[name] = entry
+    return out
+
+
+def rule_stats(
+    rule: str,
+    table: Mapping[str, np.ndarray],
+    before: int,
+    hops: Mapping[tuple, Hop],
+    keep: Mapping[tuple, np.ndarray],
+    labels: Mapping[str, np.ndarray] | None,
+    coarse: Mapping[str, np.ndarray] | None,
+) -> dict:
+    """One rule's entry in the summary: tuples kept, items per start and agreement."""
+    s = summarize(table, labels, coarse)
+    out = dict(rule=rule, tuples=s["tuples"], kept_fraction=s["tuples"] / max(before, 1),
+               counts=s["counts"], items=s["items"])  # fmt: skip
+    if labels is not None:
+        out["fine"] = {k: s[k] for k in ("concept_agreement", "target_agreement")}
+        out["fine"]["overall"] = s["concept_agreement_overall"]
+    if coarse is not None:
+        c = s["coarse"]
+        out["coarse"] = {k: c[k] for k in ("concept_agreement", "target_agreement")}
+        out["coarse"]["overall"] = c["concept_agreement_overall"]
+    out["hops"] = hop_stats(hops, keep, labels, coarse)
+    return out
+
+
+def flat_metrics(entry: Mapping, prefix: str) -> dict[str, float]:
+    """{'prefix/a/b': number} of every number in a nested summary entry (for a logger)."""
+    out = {}
+    for key, value in entry.items():
+        name = f"{prefix}/{key}".replace("->", "_to_")
+        if isinstance(value, Mapping):
+            out.update(flat_metrics(value, name))
+        elif isinstance(value, int | float) and not isinstance(value, bool):
+            out[name] = float(value)
     return out
 
 
@@ -210,20 +461,17 @@ def summarize(table: Mapping[str, np.ndarray], labels: Mapping[str, np.ndarray] 
 
 
 def _open_pools(
-    root: Path, dataset: str, routes: Mapping[tuple[str, str], str], spaces: Mapping[str, Mapping]
+    root: Path, dataset: str, needs: Sequence[tuple[str, str]], spaces: Mapping[str, Mapping]
 ) -> dict[tuple[str, str], EmbeddingCache]:
-    """{(space, modality): cache} for every route side; pools of one modality must match."""
+    """{(space, modality): cache} for each need; pools of one modality must match."""
     caches: dict[tuple[str, str], EmbeddingCache] = {}
-    for pair, name in routes.items():
-        for m in pair:
-            if (name, m) in caches:
-                continue
-            cache = EmbeddingCache(cache_dir(root, dataset, name, m),
-                                   expect_dim=int(spaces[name]["dims"][m]),
-                                   expect_space=name, expect_modality=m)  # fmt: skip
-            if cache.count == 0:
-                raise CacheError(f"{cache.directory}: the {m} pool is empty; pairing needs items")
-            caches[(name, m)] = cache
+    for name, m in dict.fromkeys(needs):
+        cache = EmbeddingCache(cache_dir(root, dataset, name, m),
+                               expect_dim=int(spaces[name]["dims"][m]),
+                               expect_space=name, expect_modality=m)  # fmt: skip
+        if cache.count == 0:
+            raise CacheError(f"{cache.directory}: the {m} pool is empty; pairing needs items")
+        caches[(name, m)] = cache
     for m in MODALITIES:
         same = [c for (_, mm), c in caches.items() if mm == m]
         for c in same[1:]:
@@ -236,114 +484,307 @@ def _open_pools(
     return caches
 
 
+def _run_modalities(
+    option, routes: dict[tuple[str, str], str], root: Path | None, dataset: str
+) -> tuple[list[str], dict[tuple[str, str], str], dict[str, str]]:
+    """(modalities, routes among them, {route: why skipped}) for `pair.modalities`.
+
+    auto: every modality a route links whose pools exist under the data root (root None: all);
+    a list: exactly those (their pools must exist).
+    """
+    skipped = {}
+    if option in (None, "auto"):
+        for (a, b), space in routes.items():
+            absent = [m for m in (a, b) if root is not None
+                      and not cache_is_complete(cache_dir(root, dataset, space, m))]  # fmt: skip
+            if absent:
+                skipped[f"{a}_{b}"] = f"no {dataset} pool of {absent} in {space}"
+        kept = {p: s for p, s in routes.items() if f"{p[0]}_{p[1]}" not in skipped}
+        modalities = [m for m in MODALITIES if any(m in p for p in kept)]
+    else:
+        wanted = [check_modality(m, "pair.modalities") for m in option]
+        modalities = [m for m in MODALITIES if m in wanted]
+        kept = {p: s for p, s in routes.items() if set(p) <= set(modalities)}
+    if len(modalities) < 2:
+        raise ValueError(
+            f"pair covers modalities {modalities}; pairing needs two (pair.modalities={option}, "
+            f"routes { ({f'{a}_{b}': s for (a, b), s in routes.items()}) }, skipped {skipped})"
+        )
+    return modalities, kept, skipped
+
+
+def _cross_spaces(
+    clean: Clean,
+    routes: Mapping[tuple[str, str], str],
+    spaces: Mapping[str, Mapping],
+    root: Path,
+    dataset: str,
+) -> dict[tuple[str, str], str | None]:
+    """The second space of each route pair: pair.clean.cross_spaces, else another route space
+    (first by name) that embeds both modalities in one dim and has their pools; None if none."""
+    explicit = {_pair_key(k, "pair.clean.cross_spaces"): str(v)
+                for k, v in clean.cross_spaces.items()}  # fmt: skip
+    out: dict[tuple[str, str], str | None] = {}
+    for pair, space in routes.items():
+        if pair in explicit:
+            out[pair] = explicit[pair]
+            continue
+        out[pair] = None
+        for other in sorted(set(routes.values()) - {space}):
+            dims = spaces[other]["dims"]
+            if (
+                all(m in dims for m in pair)
+                and dims[pair[0]] == dims[pair[1]]
+                and all(cache_is_complete(cache_dir(root, dataset, other, m)) for m in pair)
+            ):
+                out[pair] = other
+                break
+    return out
+
+
 def run(cfg: DictConfig) -> float | None:
-    """Build the pseudo tuple table and its summary; returns the mean concept agreement."""
+    """Build, clean and summarise the pseudo tuple table; returns the mean concept agreement."""
     pc = cfg.pair
+    clean = Clean.from_config(pc.get("clean"))
+    min_tuples = int(pc.get("min_tuples", 1))
     routes = parse_routes(pc.routes)
-    starts = list(pc.starts)
+    option = to_plain(pc.get("modalities", "auto"))
+    # An explicit list narrows the routes before any space is read; auto looks at the pools.
+    _, routes, _ = _run_modalities(option, routes, None, pc.dataset)
+    explicit_cross = [str(v) for v in clean.cross_spaces.values()] if clean.cross else []
+    spaces = space_configs(dict.fromkeys([*routes.values(), *explicit_cross]))
+    check_route_spaces(routes, spaces)
+    root = ensure_data(cfg, spaces)
+    modalities, routes, skipped = _run_modalities(option, routes, root, pc.dataset)
+    for route, why in skipped.items():
+        log.warning("pair: route %s left out: %s", route, why)
+    starts = [check_modality(s, "pair.starts") for s in pc.starts]
     if not starts:
         raise ValueError("pair.starts is empty; name at least one starting modality")
-    plan = plan_paths(starts, routes, to_plain(pc.chain) if pc.chain else {})
+    if [s for s in starts if s not in modalities]:
+        log.warning("pair: starts %s left out: the run covers %s",
+                    [s for s in starts if s not in modalities], modalities)  # fmt: skip
+    starts = [s for s in starts if s in modalities]
+    if not starts:
+        raise ValueError(f"pair.starts={list(pc.starts)}: none is among the run's {modalities}")
+    plan = plan_paths(starts, routes, to_plain(pc.chain) if pc.chain else {}, modalities)
     used = {_pair_key(f"{x}_{y}", "pair") for paths in plan.values() for p in paths.values()
             for x, y in zip(p, p[1:], strict=False)}  # fmt: skip
     routes = {pair: space for pair, space in routes.items() if pair in used}
-    spaces = space_configs(dict.fromkeys(routes.values()))
-    check_route_spaces(routes, spaces)
-    root = ensure_data(cfg, spaces)
-    caches = _open_pools(root, pc.dataset, routes, spaces)
-    sizes = {m: c.count for m in MODALITIES for (_, mm), c in caches.items() if mm == m}
+    cross = _cross_spaces(clean, routes, spaces, root, pc.dataset) if clean.cross else {}
+    if cross:
+        spaces = {**spaces, **space_configs(s for s in set(cross.values()) - set(spaces) if s)}
+        for pair, space in cross.items():
+            if space is not None:
+                check_route_spaces({pair: space}, spaces)
+    needs = [(s, m) for pair, s in (*routes.items(), *cross.items()) if s for m in pair]
+    caches = _open_pools(root, pc.dataset, needs, spaces)
+    sizes = {m: c.count for (_, m), c in caches.items()}
 
     # Which directed hops are needed, and with how many ranks: first hops from a start need topk.
     k = int(pc.topk)
     if k < 1:
         raise ValueError(f"pair.topk={k}; expected an integer >= 1")
-    hops: dict[tuple[str, str], int] = {}
+    hops_k: dict[tuple[str, str], int] = {}
     for paths in plan.values():
         for path in paths.values():
             for h, (x, y) in enumerate(zip(path, path[1:], strict=False)):
-                hops[(x, y)] = max(hops.get((x, y), 1), k if h == 0 else 1)
-    for (_, y), kk in hops.items():
+                hops_k[(x, y)] = max(hops_k.get((x, y), 1), k if h == 0 else 1)
+                if clean.mutual:  # the reverse top-1 tells whether a hop is mutual
+                    hops_k.setdefault((y, x), 1)
+    for (_, y), kk in hops_k.items():
         if kk > sizes[y]:
             raise ValueError(f"pair.topk={kk} exceeds the {y} pool ({sizes[y]} items)")
+    if clean.cross_k and clean.cross_k > min(sizes.values()):
+        raise ValueError(f"pair.clean.cross_k={clean.cross_k} exceeds a pool ({sizes})")
+    # Search passes: (space, a, b, {direction: k}, CSLS or not); a route serves both directions.
     passes = []
     for (a, b), name in routes.items():
-        want = {d: hops[d] for d in ((a, b), (b, a)) if d in hops}
-        passes.append((a, b, name, want))
+        want = {d: hops_k[d] for d in ((a, b), (b, a)) if d in hops_k}
+        passes.append((name, a, b, want, clean.csls > 0))
+        if cross.get((a, b)) and clean.cross_k:
+            passes.append((cross[(a, b)], a, b, dict.fromkeys(want, clean.cross_k), False))
     device = resolve_device(pc.device)
     chunk, gchunk, backend = int(pc.chunk), int(pc.gallery_chunk), str(pc.backend)
+    kw = dict(backend=backend, chunk=chunk, gallery_chunk=gchunk, device=device)
     total = sum(search_steps(sizes[a], sizes[b], (a, b) in w, (b, a) in w, backend, chunk, gchunk)
-                for a, b, _, w in passes)  # fmt: skip
+                + (csls and search_steps(sizes[a], sizes[b], True, True, backend, chunk, gchunk))
+                for _, a, b, w, csls in passes)  # fmt: skip
 
-    nearest: dict[tuple[str, str], np.ndarray] = {}
+    nearest: dict[tuple[str, str], tuple[np.ndarray, np.ndarray]] = {}
+    second: dict[tuple[str, str], np.ndarray] = {}  # cross_k rows in the second space
     report = []
     t0 = time.perf_counter()
-    columns = [
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeRemainingColumn(),
-    ]
+    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TimeRemainingColumn()]  # fmt: skip
     with Progress(*columns, disable=not pc.progress) as bar:
         task = bar.add_task("pair: exact top-k search", total=total)
-        for a, b, name, want in passes:
+        advance = lambda n: bar.advance(task, n)  # noqa: E731
+        for name, a, b, want, csls in passes:
             bar.update(task, description=f"pair: {a}-{b} in {name}")
             ta = time.perf_counter()
-            res = search(
-                pool_rows(caches[(name, a)]),
-                pool_rows(caches[(name, b)]),
-                max(want.values()),
-                a_to_b=(a, b) in want,
-                b_to_a=(b, a) in want,
-                backend=backend,
-                chunk=chunk,
-                gallery_chunk=gchunk,
-                device=device,
-                advance=lambda n: bar.advance(task, n),
-            )
+            xa, xb = pool_rows(caches[(name, a)]), pool_rows(caches[(name, b)])
+            bias = {}
+            if csls:
+                if clean.csls > min(sizes[a], sizes[b]):
+                    raise ValueError(f"pair.clean.csls={clean.csls} exceeds the {a} or {b} pool")
+                a_bias, b_bias = csls_bias(xa, xb, clean.csls, advance=advance, **kw)
+                bias = dict(a_bias=a_bias, b_bias=b_bias)
+            res = search(xa, xb, max(want.values()), a_to_b=(a, b) in want,
+                         b_to_a=(b, a) in want, advance=advance, **bias, **kw)  # fmt: skip
             for key, (x, y) in (("a_to_b", (a, b)), ("b_to_a", (b, a))):
-                if key in res:
-                    scores, rows = res[key]
-                    nearest[(x, y)] = rows[:, : want[(x, y)]]
-                    report.append(dict(space=name, query=x, gallery=y, queries=len(rows),
-                                       gallery_rows=sizes[y], topk=want[(x, y)],
-                                       mean_top1_score=float(scores[:, 0].mean())))  # fmt: skip
+                if key not in res:
+                    continue
+                scores, rows = res[key]
+                if name == routes[_pair_key(f"{a}_{b}", "pair")]:
+                    nearest[(x, y)] = (scores[:, : want[(x, y)]], rows[:, : want[(x, y)]])
+                else:
+                    second[(x, y)] = rows
+                report.append(dict(space=name, query=x, gallery=y, queries=len(rows),
+                                   gallery_rows=sizes[y], topk=want[(x, y)], csls=bool(csls),
+                                   mean_top1_score=float(scores[:, 0].mean())))  # fmt: skip
             log.info("pair: %s-%s in %s: %.1f s", a, b, name, time.perf_counter() - ta)
     seconds = time.perf_counter() - t0
 
-    table = build_tuples(plan, nearest, sizes)
-    before = len(table["start"])
-    if pc.dedupe:
-        table = dedupe(table)
-    text_cache = next(c for (_, m), c in caches.items() if m == "text")
-    if not text_cache.has("provenance"):
-        raise CacheError(f"{text_cache.directory}: the text pool has no 'provenance' array "
-                         f"(index into {list(PROVENANCES)}); the tuple table needs it")  # fmt: skip
-    table["provenance"] = text_cache.extra("provenance")[table["text"]]
-    labels = None
+    table, hops, cells = build_tuples(plan, nearest, sizes, modalities)
+    raw_n = len(table["start"])
+    labels = coarse = None
     if all(c.has("labels") for c in caches.values()):
         labels = {m: c.extra("labels") for (_, m), c in caches.items()}
+        if any(v.ndim != 1 for v in labels.values()):
+            log.warning("pair: pool labels are not one per item; no concept agreement reported")
+            labels = None
+    if labels is not None and all(c.has("coarse") for c in caches.values()):
+        coarse = {m: c.extra("coarse") for (_, m), c in caches.items()}
+    text_prov = None
+    if "text" in modalities:
+        text_cache = next(c for (_, m), c in caches.items() if m == "text")
+        if not text_cache.has("provenance"):
+            raise CacheError(
+                f"{text_cache.directory}: the text pool has no 'provenance' array "
+                f"(index into {list(PROVENANCES)}); the tuple table needs it"
+            )
+        text_prov = text_cache.extra("provenance")
+
+    # Cleaning: each rule narrows the per-hop (or per-item) keep masks; stats after each.
+    hop_keep = {p: np.ones(len(h.item), bool) for p, h in hops.items()}
+    cell_keep: dict[tuple[str, str], np.ndarray] = {}
+    stages = []
+
+    def alive(prefix: tuple) -> np.ndarray:
+        return np.logical_and.reduce([hop_keep[prefix[: i + 1]] for i in range(1, len(prefix))])
+
+    def measure(rule: str) -> None:
+        cleaned = apply_cells(table, cells, hop_keep, cell_keep, hops)
+        cleaned = {c: v[present_items(cleaned) >= 2] for c, v in cleaned.items()}
+        entry = rule_stats(rule, cleaned, raw_n, hops, {p: alive(p) for p in hops}, labels, coarse)
+        stages.append(entry)
+        log.info("pair: %s keeps %d of %d tuples", rule, entry["tuples"], raw_n)
+        if entry["tuples"] < min_tuples:
+            raise ValueError(
+                f"pair: rule {rule!r} keeps {entry['tuples']} tuples of {raw_n}, fewer than "
+                f"pair.min_tuples={min_tuples}; loosen the rule or lower pair.min_tuples"
+            )
+
+    measure("csls" if clean.csls else "none")
+    if clean.mutual:
+        for p, hop in hops.items():
+            hop_keep[p] &= mutual_keep(hop, nearest)
+        measure("mutual")
+    if clean.cross:
+        for p, hop in hops.items():
+            x, y = p[-2:]
+            space = cross.get(_pair_key(f"{x}_{y}", "pair"))
+            if space is None:  # no second space embeds both: the hop stays as it is
+                continue
+            ok = np.zeros(len(hop.item), bool)
+            if clean.cross_k:
+                ok |= (second[(x, y)][hop.query] == hop.item[:, None]).any(1)
+            if clean.cross_threshold is not None:
+                xs, ys = pool_rows(caches[(space, x)]), pool_rows(caches[(space, y)])
+                ok |= pair_similarity(xs, ys, hop.query, hop.item) >= clean.cross_threshold
+            hop_keep[p] &= ok
+        measure("cross_space")
+    if clean.provenance and text_prov is not None:
+        for (s, t), prefixes in cells.items():
+            if s != "text":
+                continue
+            prov = text_prov[hops[prefixes[0]].query]
+            allowed = [PROVENANCES.index(p) for p, ts in clean.provenance_targets.items()
+                       if t in ts]  # fmt: skip
+            cell_keep[(s, t)] = (prov < 0) | np.isin(prov, allowed)
+        measure("provenance")
+    if clean.max_reuse:
+        for p, hop in hops.items():
+            hop_keep[p] &= reuse_keep(hop, alive(p), clean.max_reuse)
+        measure("max_reuse")
+
+    final = apply_cells(table, cells, hop_keep, cell_keep, hops)
+    if clean.soft:
+        if k == 1:
+            log.warning("pair.clean.soft with pair.topk=1: every weight is 1")
+        for (_, t), prefixes in cells.items():
+            conf = final.setdefault(f"conf_{t}", np.ones(raw_n, np.float32))
+            conf[hops[prefixes[0]].rows] = soft_conf(hops[prefixes[0]], nearest, k,
+                                                     clean.soft_temperature)  # fmt: skip
+        for m in modalities:
+            final.setdefault(f"conf_{m}", np.ones(raw_n, np.float32))
+            final[f"conf_{m}"][final[m] < 0] = 0
+    final = {c: v[present_items(final) >= 2] for c, v in final.items()}
+    before = len(final["start"])
+    if pc.dedupe:
+        final = dedupe(final)
+    if len(final["start"]) < min_tuples:
+        raise ValueError(f"pair: rule 'dedupe' keeps {len(final['start'])} tuples, fewer than "
+                         f"pair.min_tuples={min_tuples}")  # fmt: skip
+    if text_prov is not None:
+        final["provenance"] = np.where(final["text"] >= 0, text_prov[final["text"]], -1)
+    else:
+        final["provenance"] = np.full(len(final["start"]), -1, np.int8)
+
     output = Path(pc.output)
-    meta = dict(source="pair", routes={f"{a}_{b}": s for (a, b), s in routes.items()},
-                paths=plan, topk=k, dedupe=bool(pc.dedupe))  # fmt: skip
-    save_tuples(output, table, pool=pc.dataset, **meta)
+    meta = dict(source="pair", modalities=modalities,
+                routes={f"{a}_{b}": s for (a, b), s in routes.items()}, paths=plan, topk=k,
+                dedupe=bool(pc.dedupe), clean=to_plain(vars(clean)))  # fmt: skip
+    save_tuples(output, final, pool=pc.dataset, **meta)
     summary = dict(
         output=str(output),
         root=str(root),
         pool=pc.dataset,
         pool_sizes=sizes,
         **meta,
+        routes_skipped=skipped,
+        cross_spaces={f"{a}_{b}": s for (a, b), s in cross.items()},
         backend=backend,
         device=str(device),
-        **summarize(table, labels),
-        duplicates_removed=before - len(table["start"]),
+        **summarize(final, labels, coarse),
+        duplicates_removed=before - len(final["start"]),
+        rules=stages,
         search=report,
         search_seconds=round(seconds, 3),
     )
+    if clean.soft:
+        summary["mean_conf"] = {m: float(final[f"conf_{m}"][final[m] >= 0].mean())
+                                for m in modalities}  # fmt: skip
     atomic_write_json(output.with_name(SUMMARY), summary)
-    log.info("pair: %d tuples -> %s", len(table["start"]), output)
+    log.info("pair: %d tuples -> %s", len(final["start"]), output)
+    _log_metrics(cfg, stages)
     if labels is not None:
         log.info("pair: concept agreement %s (chance %s)",
                  {m: round(v, 3) for m, v in summary["concept_agreement"].items()},
                  {m: round(v, 4) for m, v in summary["chance_agreement"].items()})  # fmt: skip
         return float(np.mean(list(summary["concept_agreement"].values())))
     return None
+
+
+def _log_metrics(cfg: DictConfig, stages: Sequence[Mapping]) -> None:
+    """Each rule's kept fraction and agreement to the configured logger, if any."""
+    logger = make_logger(cfg)
+    if not logger:
+        return
+    metrics: dict[str, float] = {}
+    for entry in stages:
+        metrics.update(flat_metrics({k: v for k, v in entry.items() if k != "rule"},
+                                    f"pair/{entry['rule']}"))  # fmt: skip
+    logger.log_metrics(metrics, step=0)
+    logger.finalize("success")

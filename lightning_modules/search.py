@@ -40,6 +40,21 @@ class ShardRows:
         return np.concatenate([p for p in parts if len(p)] or [self.shards[0][:0]])
 
 
+def take_rows(x: np.ndarray | ShardRows, index: np.ndarray, chunk: int = 65536) -> np.ndarray:
+    """Rows `index` (n,) of an array, memmap or ShardRows as (n, dim) float32."""
+    index = np.asarray(index, np.int64)
+    if not isinstance(x, ShardRows):
+        return np.asarray(x[index], np.float32)
+    out = np.empty((len(index), x.shape[1]), np.float32)
+    shard = np.searchsorted(x.offsets, index, side="right") - 1
+    for i, part in enumerate(x.shards):
+        hit = np.flatnonzero(shard == i)
+        for j in range(0, len(hit), chunk):  # bounded temporaries on a huge index
+            rows = hit[j : j + chunk]
+            out[rows] = part[index[rows] - x.offsets[i]]
+    return out
+
+
 def pool_rows(cache: EmbeddingCache) -> np.ndarray | ShardRows:
     """A cache's rows without loading them: its memmap, or its shards as one array."""
     return cache.shards[0] if len(cache.shards) == 1 else ShardRows(cache.shards)

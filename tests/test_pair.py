@@ -66,7 +66,8 @@ def test_build_tuples_follows_chains_and_ranks() -> None:
     sizes = {"point": 5, "audio": 6, "image": 7, "text": 8}
     plan = plan_paths(["audio", "image"], ROUTES, {"audio_point": ["image"]})
     nearest = {(x, y): rng.integers(0, sizes[y], (sizes[x], 2)) for x in sizes for y in sizes}
-    table = build_tuples(plan, nearest, sizes)
+    scored = {d: (rng.random(r.shape).astype(np.float32), r) for d, r in nearest.items()}
+    table, hops, cells = build_tuples(plan, scored, sizes)
     assert len(table["start"]) == 2 * (6 + 7)
     audio = table["start"] == MODALITIES.index("audio")
     a = table["audio"][audio]
@@ -77,6 +78,14 @@ def test_build_tuples_follows_chains_and_ranks() -> None:
     np.testing.assert_array_equal(
         table["point"][audio], nearest[("image", "point")][table["image"][audio], 0]
     )
+    # Each item knows its hops: audio->image is shared by the image and the chained point.
+    assert cells[("audio", "point")] == [("audio", "image"), ("audio", "image", "point")]
+    hop = hops[("audio", "image", "point")]
+    assert hop.name == "image->point" and hop.rows == slice(0, 12)
+    np.testing.assert_array_equal(hop.query, table["image"][audio])
+    np.testing.assert_array_equal(hop.score, scored[("image", "point")][0][hop.query, 0])
+    first = hops[("audio", "image")]
+    np.testing.assert_array_equal(first.score, scored[("audio", "image")][0][a, rank])
 
 
 def test_dedupe_keeps_first_rows_in_order() -> None:
@@ -99,7 +108,8 @@ def test_summarize_counts_agreement_and_chance() -> None:
     assert s["concept_agreement"] == {"point": 0.5, "audio": 0.0}
     assert s["target_agreement"]["audio"] == {"point": 1.0, "image": 0.0, "text": 1.0}
     assert s["chance_agreement"]["point"] == pytest.approx(0.5**3)  # every pool is half/half
-    assert summarize(table, None) == {"tuples": 3, "counts": s["counts"]}
+    assert summarize(table, None) == {"tuples": 3, "counts": s["counts"],
+                                      "items": dict.fromkeys(MODALITIES, 3)}  # fmt: skip
 
 
 # ---------------------------------------------------------------------------- the stage
@@ -200,7 +210,7 @@ def _files_world(root: Path, sizes: dict[str, int], odd_ids: bool = False) -> No
 
 def test_stage_on_extracted_pools_and_its_errors(compose_cfg, tmp_path: Path) -> None:
     root = tmp_path / "extracted"
-    files = (*PAIR, "data.kind=files", f"data.root={root}")
+    files = (*PAIR, "data.kind=files", f"data.root={root}", "pair.min_tuples=1")
     sizes = dict(point=9, audio=10, image=11, text=12)
     _files_world(root, sizes)
     train(compose_cfg(*files))

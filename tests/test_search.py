@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from lightning_modules.search import ShardRows, search
+from lightning_modules.search import ShardRows, csls_bias, search, take_rows
 
 
 def _brute(q: np.ndarray, g: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -76,3 +76,39 @@ def test_search_reads_float16_shards_block_by_block() -> None:
 def test_search_refuses_bad_input(q: np.ndarray, g: np.ndarray, k: int, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         search(q, g, k)
+
+
+def test_take_rows_reads_any_rows_of_shards() -> None:
+    parts = [_gauss(n, 8, seed=n).astype(np.float16) for n in (5, 1, 9)]
+    whole = np.concatenate(parts).astype(np.float32)
+    index = np.array([14, 0, 5, 4, 6, 5, 13])
+    np.testing.assert_array_equal(take_rows(ShardRows(parts), index, chunk=2), whole[index])
+    np.testing.assert_array_equal(take_rows(whole, index), whole[index])
+
+
+@pytest.mark.parametrize("backend", ["torch", "faiss"])
+def test_search_adds_row_and_column_biases(backend: str) -> None:
+    a, b = _gauss(60, 16, seed=4), _gauss(80, 16, seed=5)
+    a_bias = np.random.default_rng(6).uniform(-0.5, 0, 60).astype(np.float32)
+    b_bias = np.random.default_rng(7).uniform(-0.5, 0, 80).astype(np.float32)
+    got = search(a, b, 3, a_to_b=True, b_to_a=True, backend=backend, chunk=16, gallery_chunk=32,
+                 a_bias=a_bias, b_bias=b_bias)  # fmt: skip
+    biased = a.astype(np.float64) @ b.astype(np.float64).T + a_bias[:, None] + b_bias[None, :]
+    for key, s in (("a_to_b", biased), ("b_to_a", biased.T)):
+        rows = np.argsort(-s, axis=1, kind="stable")[:, :3]
+        np.testing.assert_array_equal(got[key][1], rows)
+        # float32 sums in another order than float64: a few ulps.
+        np.testing.assert_allclose(got[key][0], np.take_along_axis(s, rows, 1), atol=1e-5)
+    # Without a bias the ranking really differs: the test would notice a bias left out.
+    plain = search(a, b, 3, a_to_b=True, b_to_a=True, backend=backend)
+    assert not np.array_equal(plain["b_to_a"][1], got["b_to_a"][1])
+    with pytest.raises(ValueError, match=r"b_bias has shape \(3,\); expected \(80,\)"):
+        search(a, b, 1, b_bias=np.zeros(3))
+
+
+def test_csls_bias_is_minus_half_the_mean_top_k_score() -> None:
+    a, b = _gauss(30, 8, seed=8), _gauss(40, 8, seed=9)
+    a_bias, b_bias = csls_bias(a, b, k=5)
+    s = a.astype(np.float64) @ b.astype(np.float64).T
+    np.testing.assert_allclose(a_bias, -np.sort(s, 1)[:, -5:].mean(1) / 2, atol=1e-6)
+    np.testing.assert_allclose(b_bias, -np.sort(s.T, 1)[:, -5:].mean(1) / 2, atol=1e-6)
