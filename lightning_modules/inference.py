@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from huggingface_hub import ModelCard, ModelHubMixin, hf_hub_download
 from safetensors import SafetensorError
 
+from datamodules import artifacts
 from datamodules.artifacts import atomic_write, atomic_write_json, sha256_file, verify_file
 from datamodules.cache import CacheError, CacheWriter, EmbeddingCache, cache_dir
 from encoders.modalities import MODALITIES, check_modality, resolve_device
@@ -196,7 +197,8 @@ class OmniBind(
             format=HUB_FORMAT,
             weighting=self.weighting,
             sha256=hashlib.sha256(data).hexdigest(),
-            omni=self.model.meta,
+            # The export's own digest of omni.safetensors would be stale here: config has ours.
+            omni={k: v for k, v in self.model.meta.items() if k != "sha256"},
         )
         atomic_write_json(save_directory / HUB_CONFIG, config)
 
@@ -221,13 +223,13 @@ class OmniBind(
 
     def fingerprint(self) -> str:
         """A hash of the weights and the weighting: what a gallery of this model depends on."""
-        h = hashlib.sha256(self.weighting.encode())
-        if self.weights_sha256 is not None:
-            h.update(self.weights_sha256.encode())
-        else:
+        weights = self.weights_sha256
+        if weights is None:  # built in memory: hash the tensors themselves
+            h = hashlib.sha256()
             for key, value in self.model.state_dict().items():
                 h.update(key.encode() + value.detach().cpu().contiguous().numpy().tobytes())
-        return h.hexdigest()[:16]
+            weights = h.hexdigest()
+        return artifacts.fingerprint([self.weighting, weights])
 
     @property
     def modalities(self) -> list[str]:
@@ -480,8 +482,7 @@ def build_gallery(
     """
     caches = [EmbeddingCache(cache_dir(root, dataset, s, modality)) for s in bind.needed(modality)]
     first = caches[0]
-    parts = [bind.fingerprint(), *(c.fingerprint for c in caches)]
-    fingerprint = hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
+    fingerprint = artifacts.fingerprint([bind.fingerprint(), *(c.fingerprint for c in caches)])
     out = Path(out)
     if not overwrite and out.is_dir():
         try:

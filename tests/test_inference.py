@@ -252,6 +252,14 @@ def test_route_export_loads_through_from_pretrained(tmp_path: Path) -> None:
     assert all(torch.equal(bind.embed_spaces(inputs)[m], want[m]) for m in want)
     bind.save_pretrained(tmp_path / "hub")  # results.md beside the export goes into the card
     assert "| beside | the export |" in (tmp_path / "hub" / HUB_CARD).read_text()
+    # An export's own digest of omni.safetensors (omni.json `sha256`) is not carried over.
+    meta = json.loads((export / "omni.json").read_text())
+    digest = sha256_file(export / "omni.safetensors")
+    (export / "omni.json").write_text(json.dumps({**meta, "sha256": digest}))
+    recorded = OmniBind.from_pretrained(export, weighting="average")
+    assert recorded.weights_sha256 == digest and recorded.fingerprint() == bind.fingerprint()
+    recorded.save_pretrained(tmp_path / "hub2")
+    assert "sha256" not in json.loads((tmp_path / "hub2" / HUB_CONFIG).read_text())["omni"]
     assert bind.fingerprint() == OmniBind.load(export, weighting="average").fingerprint()
 
 
