@@ -14,6 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -74,7 +75,8 @@ class BoundSpace:
     def embed(self, root: Path, dataset: str, modality: str) -> torch.Tensor:
         """Projected rows (n, anchor dim), L2-normalised, in chunks of 8192 rows."""
         cache = open_cache(root, dataset, self.spaces[0], modality, self.dims[modality])
-        chunks = (torch.from_numpy(x) for _, x in cache.iter_chunks(8192))
+        # Copies: the chunks are read-only memory maps, which torch warns about.
+        chunks = (torch.from_numpy(np.array(x)) for _, x in cache.iter_chunks(8192))
         parts = [F.normalize(self.mixture(x), dim=-1) for x in chunks]
         if parts:
             return torch.cat(parts)

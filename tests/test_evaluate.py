@@ -15,8 +15,11 @@ from omegaconf import OmegaConf
 from datamodules.cache import CacheError, CacheWriter, EmbeddingCache, cache_dir
 from lightning_modules.benchmarks import load_benchmarks, zeroshot_prompts
 from lightning_modules.bind import BindModule, export_bound_space, load_bound_space
+from lightning_modules.common import space_configs
 from lightning_modules.methods import make_method
 from lightning_modules.metrics import recall_at_k
+from lightning_modules.omni import OmniModel
+from lightning_modules.results import compact_summary
 from lightning_modules.scoring import evaluate_method
 from train import train
 
@@ -124,22 +127,8 @@ def test_bound_method_projects_its_own_modalities(small_world: Path, compose_cfg
 
 
 def test_omni_method_is_one_line_of_dispatch(small_world: Path, compose_cfg) -> None:
-    from lightning_modules.omni import OmniModel
-
     cfg = compose_cfg("stage=evaluate")
-    spaces = {}
-    for name, dims in (
-        ("clap", {"audio": 512, "text": 512}),
-        ("imagebind", dict.fromkeys(("audio", "image", "text"), 1024)),
-    ):
-        spaces[name] = json.loads((_random_bound(cfg, name, dims) / "bound.json").read_text())
-    groups = {"audio": ["clap", "imagebind"], "image": ["imagebind", "eva_clip_18b"],
-              "text": ["clap", "imagebind", "eva_clip_18b"]}  # fmt: skip
-    predictors = {"audio": ["clap"], "image": ["imagebind"], "text": ["clap", "imagebind"]}
-    meta = dict(kind="routed", anchor="eva_clip_18b", groups=groups, predictors=predictors,
-                predictor_dims={"audio": 512, "image": 1024, "text": 1536},
-                scales={"audio": 1.0, "image": 1.0, "text": 10.0}, spaces=spaces)  # fmt: skip
-    OmniModel(meta).eval().save(Path(cfg.evaluate.omni_dir) / "tiny")
+    _tiny_omni(cfg)
     bench = load_benchmarks(small_world / "benchmarks_test.json")
     for spec in ("omni:tiny", "omni:tiny:average"):
         method = make_method(spec, cfg.evaluate.bound_dir, cfg.evaluate.omni_dir)
@@ -295,14 +284,20 @@ def test_yaml_manifest_and_repeated_pairs(handmade: Path, compose_cfg) -> None:
 
 
 def test_stage_with_a_manifest_path(handmade: Path, small_world: Path, compose_cfg) -> None:
+    cfg = compose_cfg("stage=evaluate", "evaluate.methods=[raw:clap]")
+    # A real-benchmark entry naming classes only: the stage fills in evaluate.templates.audio.
+    _write_esc(handmade, {"clap": DIM}, list(cfg.evaluate.templates.audio))
+    spec = dict(SPEC, zeroshot=[*SPEC["zeroshot"], ESC])
     cfg = compose_cfg("stage=evaluate", "evaluate.methods=[raw:clap]",
-                      f"evaluate.benchmarks={_manifest(handmade, SPEC)}")  # fmt: skip
+                      f"evaluate.benchmarks={_manifest(handmade, spec)}")  # fmt: skip
     train(cfg)
     results = json.loads((Path(cfg.evaluate.output_dir) / "results.json").read_text())
     assert set(results["methods"]["raw:clap"]["zeroshot"]) == {
         "audio/zs/top1",
         "audio/zs/top5",
         "audio/zs_ml/mAP",
+        "audio/esc/top1",
+        "audio/esc/top5",
     }
 
 
@@ -383,3 +378,170 @@ def test_manifest_typos_are_named(handmade: Path, compose_cfg) -> None:
         _score(handmade, compose_cfg, spec)
     with pytest.raises(FileNotFoundError, match="nowhere.json"):
         load_benchmarks(handmade / "nowhere.json")
+
+
+# ---------------------------------------------------------------------------- real benchmarks
+
+ESC = dict(name="esc", dataset="esc", modality="audio", classes=["dog", "rain", "bell"])
+
+
+def _write_esc(root: Path, dims: dict[str, int], templates: list[str], seed: int = 0) -> None:
+    """Per space: 12 audio items (4 per class) and the `esc_prompts` cache that extract writes
+    for ESC's 3 classes x these templates: class-major rows with a `label` extra."""
+    rng = np.random.default_rng(seed)
+    texts, label, _ = zeroshot_prompts(ESC["classes"], templates)
+    labels = np.arange(12) % 3
+    for space, dim in dims.items():
+        centers = rng.standard_normal((3, dim))
+        if "audio" in space_configs([space])[space].dims:
+            items = centers[labels] + 10 * rng.standard_normal((12, dim))
+            _write(root, "esc", "audio", items, space=space, dim=dim, labels=labels)
+        prompts = centers[label] + 0.8 * rng.standard_normal((len(texts), dim))
+        _write(root, "esc_prompts", "text", prompts, space=space, dim=dim, label=label)
+
+
+def _expected_top1(method, root: Path) -> float:
+    """Top-1 by hand: per class the mean of the normalised prompts, re-normalised."""
+    prompts = F.normalize(method.embed(root, "esc_prompts", "text").float(), dim=-1)
+    label = torch.from_numpy(EmbeddingCache(cache_dir(root, "esc_prompts", method.spaces[0],
+                                                      "text")).extra("label"))  # fmt: skip
+    classes = F.normalize(torch.stack([prompts[label == c].mean(0) for c in range(3)]), dim=-1)
+    items = F.normalize(method.embed(root, "esc", "audio").float(), dim=-1)
+    return float(((items @ classes.T).argmax(1) == torch.arange(12) % 3).float().mean())
+
+
+def test_real_zeroshot_for_raw_bound_and_omni(tmp_path: Path, compose_cfg) -> None:
+    cfg = compose_cfg("stage=evaluate")
+    templates = list(cfg.evaluate.templates.audio)
+    _write_esc(tmp_path, {"clap": 512, "imagebind": 1024, "eva_clip_18b": 1536}, templates)
+    path = _manifest(tmp_path, dict(zeroshot=[ESC]))
+    with pytest.raises(ValueError, match=r"bench.json: zeroshot\[0\] \(esc\) names classes but "
+                       r"no templates.*evaluate.templates.audio"):  # fmt: skip
+        load_benchmarks(path)
+    bench = load_benchmarks(path, OmegaConf.to_container(cfg.evaluate.templates))
+    assert bench.zeroshot[0].prompts == "esc_prompts" and bench.zeroshot[0].templates == templates
+    _tiny_omni(cfg)
+    dirs = (cfg.evaluate.bound_dir, cfg.evaluate.omni_dir)
+    for spec in ("raw:clap", "bound:clap", "omni:tiny"):
+        method = make_method(spec, *dirs)
+        scores = evaluate_method(method, bench)["zeroshot"]
+        assert set(scores) == {"audio/esc/top1", "audio/esc/top5"}, spec
+        assert scores["audio/esc/top1"] == pytest.approx(_expected_top1(method, tmp_path), abs=1e-6)
+    raw = evaluate_method(make_method("raw:clap"), bench)["zeroshot"]["audio/esc/top1"]
+    assert 0 < raw < 1  # the hand check tells hits from misses
+
+
+def _tiny_omni(cfg) -> None:
+    """A routed omni model over random bound clap and imagebind with the eva_clip_18b anchor."""
+    spaces = {}
+    for name, dims in (
+        ("clap", {"audio": 512, "text": 512}),
+        ("imagebind", dict.fromkeys(("audio", "image", "text"), 1024)),
+    ):
+        spaces[name] = json.loads((_random_bound(cfg, name, dims) / "bound.json").read_text())
+    groups = {"audio": ["clap", "imagebind"], "image": ["imagebind", "eva_clip_18b"],
+              "text": ["clap", "imagebind", "eva_clip_18b"]}  # fmt: skip
+    predictors = {"audio": ["clap"], "image": ["imagebind"], "text": ["clap", "imagebind"]}
+    meta = dict(kind="routed", anchor="eva_clip_18b", groups=groups, predictors=predictors,
+                predictor_dims={"audio": 512, "image": 1024, "text": 1536},
+                scales={"audio": 1.0, "image": 1.0, "text": 10.0}, spaces=spaces)  # fmt: skip
+    torch.manual_seed(0)
+    OmniModel(meta).eval().save(Path(cfg.evaluate.omni_dir) / "tiny")
+
+
+# Two videos (ids 7, 9) and four captions, two per video, as unit vectors on axes e0, e1, e2:
+# v7 = e0, v9 = e1; captions of 7: e0 and (0.6, 0.8); captions of 9: (0, 0.6, 0.8), (0.9, .436).
+S = float(np.sqrt(1 - 0.81))
+VIDEOS = np.array([[1.0, 0, 0], [0, 1, 0]])
+CAPTIONS = np.array([[1.0, 0, 0], [0.6, 0.8, 0], [0, 0.6, 0.8], [0.9, S, 0]])
+CAPTION_ITEMS = np.array([7, 7, 9, 9])
+
+
+def _pad(x: np.ndarray, dim: int = 1024) -> np.ndarray:
+    return np.pad(x, ((0, 0), (0, dim - x.shape[1])))
+
+
+def test_multi_caption_video_retrieval_known_answer(tmp_path: Path) -> None:
+    # text->video, each caption a query with its one video: captions 0 and 2 rank their video
+    # first, 1 and 3 the other one -> R@1 = 1/2, R@2 = 1. video->text, a hit is any caption:
+    # v7's best caption is its own (1.0) -> hit; v9's best is caption 1 (0.8, of v7), then its
+    # own caption 2 (0.6) -> R@1 = 1/2, R@2 = 1.
+    _write(tmp_path, "msrvtt", "image", _pad(VIDEOS), ids=np.array([7, 9]), space="imagebind",
+           dim=1024)  # a video is cached as its frames' image embedding  # fmt: skip
+    _write(tmp_path, "msrvtt", "text", _pad(CAPTIONS), space="imagebind", dim=1024,
+           item=CAPTION_ITEMS)  # fmt: skip
+    np.save(tmp_path / "msrvtt_items.npy", CAPTION_ITEMS)
+    expected = {"text_to_video/R@1": 0.5, "text_to_video/R@2": 1.0,
+                "video_to_text/R@1": 0.5, "video_to_text/R@2": 1.0}  # fmt: skip
+    method = make_method("raw:imagebind")
+    for items in ({}, {"text": "item"}, {"text": "msrvtt_items.npy"}):  # default, extra, file
+        entry = dict(name="msrvtt", dataset="msrvtt", modalities=["video", "text"], items=items)
+        bench = load_benchmarks(_manifest(tmp_path, dict(retrieval=[entry])))
+        assert evaluate_method(method, bench, ks=(1, 2))["retrieval"] == expected, items
+    np.save(tmp_path / "short.npy", CAPTION_ITEMS[:3])
+    entry["items"] = {"text": "short.npy"}
+    with pytest.raises(CacheError, match=r"short.npy has 3 item ids, but .*msrvtt.* has 4 rows"):
+        evaluate_method(method, load_benchmarks(_manifest(tmp_path, dict(retrieval=[entry]))))
+    entry["items"] = {"text": "missing.npy"}
+    with pytest.raises(FileNotFoundError, match=r"items.text` mapping file .*missing.npy"):
+        load_benchmarks(_manifest(tmp_path, dict(retrieval=[entry])))
+    # clap embeds no images, so it cannot score video.
+    assert evaluate_method(make_method("raw:clap"), bench)["retrieval"] == {}
+
+
+def test_video_goes_through_the_image_router(small_world: Path, tmp_path: Path,
+                                             compose_cfg) -> None:  # fmt: skip
+    cfg = compose_cfg("stage=evaluate")
+    _tiny_omni(cfg)
+    # The world's image-text set read as video rows: an omni model embeds them as images.
+    entries = [dict(name=m, dataset="test_image_text", modalities=[m, "text"])
+               for m in ("image", "video")]  # fmt: skip
+    path = _manifest(tmp_path, dict(root=str(small_world), retrieval=entries))
+    scores = evaluate_method(make_method("omni:tiny", *(cfg.evaluate.bound_dir,
+                                                         cfg.evaluate.omni_dir)),
+                             load_benchmarks(path))["retrieval"]  # fmt: skip
+    for k in (1, 5):
+        assert scores[f"text_to_video/R@{k}"] == scores[f"text_to_image/R@{k}"]
+        assert scores[f"video_to_text/R@{k}"] == scores[f"image_to_text/R@{k}"]
+    assert 0 < scores["text_to_video/R@1"] < 1
+
+
+def test_stage_shows_video_rows(tmp_path: Path, small_world: Path, compose_cfg) -> None:
+    _write(tmp_path, "msrvtt", "image", _pad(VIDEOS), ids=np.array([7, 9]), space="imagebind",
+           dim=1024)  # fmt: skip
+    _write(tmp_path, "msrvtt", "text", _pad(CAPTIONS), space="imagebind", dim=1024,
+           item=CAPTION_ITEMS)  # fmt: skip
+    entry = dict(name="msrvtt", dataset="msrvtt", modalities=["text", "video"])
+    path = _manifest(tmp_path, dict(name="msrvtt-style", retrieval=[entry]))
+    cfg = compose_cfg("stage=evaluate", "evaluate.methods=[raw:imagebind,raw:clap]",
+                      f"evaluate.benchmarks={path}")  # fmt: skip
+    train(cfg)
+    out = Path(cfg.evaluate.output_dir)
+    results = json.loads((out / "results.json").read_text())
+    assert results["methods"]["raw:imagebind"]["retrieval"]["text_to_video/R@1"] == 0.5
+    md = (out / "results.md").read_text()
+    assert "text→video R@1 | text→video R@5 | video→text R@1" in md
+    assert "| `raw:imagebind` | 50.00 | 100.00 | 50.00 | 100.00 | 50.00 |" in md
+
+
+def test_compact_summary_fits_100_columns() -> None:
+    def method(retrieval: dict, zeroshot: dict) -> dict:
+        r1 = [v for k, v in retrieval.items() if k.endswith("R@1")]
+        mean = sum(r1) / len(r1) if r1 else None
+        return dict(retrieval=retrieval, zeroshot=zeroshot, summary={"mean_R@1": mean})
+
+    results = {"methods": {
+        "raw:clap": method({"audio_to_text/R@1": 0.2, "text_to_audio/R@1": 0.4,
+                            "audio_to_text/R@5": 0.9}, {"audio/esc/top1": 0.5}),
+        "omni:" + "x" * 150: method({"audio_to_image/R@1": 0.1, "text_to_audio/R@1": 0.3}, {}),
+    }}  # fmt: skip
+    lines = compact_summary(results).splitlines()
+    assert max(map(len, lines)) <= 100 and len(lines) == 3
+    assert lines[0].split() == ["method", "dirs", "mean", "R@1", "text", "R@1", "zero-shot", "top1"]
+    assert lines[1].split() == ["raw:clap", "2", "30.00", "30.00", "50.00"]
+    assert lines[2].split()[1:] == ["2", "20.00", "30.00", "-"]  # text R@1: text_to_audio only
+    assert lines[2].startswith("omni:xxx") and "\u2026" in lines[2]
+    results["methods"]["v"] = method({"text_to_video/R@1": 0.25}, {})
+    lines = compact_summary(results).splitlines()
+    assert "video R@1" in lines[0] and lines[3].split() == ["v", "1", "25.00", "25.00", "25.00",
+                                                            "-"]  # fmt: skip
