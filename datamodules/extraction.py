@@ -1,7 +1,7 @@
 """Raw items -> encoder batches for the extract stage: the dataset, sampler and DataModule.
 
 `RawDataModule` gives one predict DataLoader per cache with chunks left (datamodules/jobs.py),
-sharded by rank; item lists are in datamodules/items.py, file readers in datamodules/readers.py.
+sharded by rank; item lists are in datamodules/items.py, file readers in encoders/readers.py.
 """
 
 from __future__ import annotations
@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import lightning as L
@@ -18,9 +17,8 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from datamodules.items import RawDataError
 from datamodules.jobs import ExtractJob
-from datamodules.readers import load_audio, load_frames, load_image, load_points
-from encoders.base import Processor
-from encoders.video import pad_frames
+from encoders.base import Processor, pad_frames
+from encoders.readers import LoadSettings, load_frames, load_raw
 
 log = logging.getLogger(__name__)
 
@@ -30,18 +28,6 @@ class Sample(NamedTuple):
     pad: bool  # not a real row: a sampler pad, or a failed item standing in with fallback data
     data: Any
     error: str | None
-
-
-@dataclass
-class LoadSettings:
-    """How raw files become encoder inputs, beside what the processor says."""
-
-    clip: str = "start"  # audio longer than the encoder's window: keep its start or its centre
-    pad: str = "repeat"  # audio shorter: repeat it (laion_clap's default) or pad with zeros
-    num_points: int | None = 10000
-    normalize_points: bool = True
-    frame_size: str = "resize"  # a video frame of another size: resize it, or raise
-    seed: int = 0
 
 
 class RawDataset(Dataset):
@@ -64,20 +50,10 @@ class RawDataset(Dataset):
         """Item `index` prepared for the encoder (raises on an unreadable file)."""
         m, s, p = self.job.modality, self.settings, self.processor
         source = self.job.items.sources[index]
-        if m == "text":
-            return p.item(m, source)
         if self.job.frames:
             frames = load_frames(source, self.job.frames, self.job.stride, s.frame_size)
             return torch.stack([p.item(m, f) for f in frames])
-        if m == "image":
-            raw = load_image(source)
-        elif m == "audio":
-            raw = load_audio(source, p.sample_rate, p.clip_samples, s.clip, s.pad)
-        else:
-            raw = load_points(source, s.num_points, seed=s.seed * 1_000_003 + index,
-                              normalize=s.normalize_points)  # fmt: skip
-            raw = torch.from_numpy(raw)
-        return p.item(m, raw)
+        return p.item(m, load_raw(m, source, p, s, index))
 
     def fallback(self) -> Any:
         """The data of the first loadable item (stands in for failed items)."""

@@ -6,7 +6,7 @@ modality:
                           .csv / .json / .jsonl records with `path` (and optional `label`, `id`);
                           list paths are relative to the list's folder
     image with `frames`   video: sub-folders of frame images, (T, H, W, 3) .npy arrays, or video
-                          files (.mp4 etc., decoded with PyAV); see datamodules/readers.py
+                          files (.mp4 etc., decoded with PyAV); see encoders/readers.py
     text                  .txt (one caption per line), .csv / .json / .jsonl records with `text`,
                           a `provenance` (point | audio | image), and optional `label`, `id`,
                           `item`. Provenance is required: per row, or for the whole source with
@@ -34,19 +34,10 @@ from typing import Any
 import numpy as np
 
 from encoders.modalities import PROVENANCES, check_modality
+from encoders.readers import EXTENSIONS, VIDEO_EXTENSIONS, RawDataError
 
-EXTENSIONS = {
-    "image": (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"),
-    "audio": (".wav", ".flac", ".ogg", ".mp3", ".aiff", ".aif"),
-    "point": (".npy", ".ply"),
-}
-VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".npy")
 PROVENANCE_ALIASES = {"3d": "point", "sound": "audio", **{p: p for p in PROVENANCES}}
 UNKNOWN = "unknown"  # a source's provenance that is not known: written as -1
-
-
-class RawDataError(ValueError):
-    """A raw item or list is unreadable or malformed; the message names the file."""
 
 
 @dataclass

@@ -1,78 +1,79 @@
 """Frozen encoders: raw items in, L2-normalised embeddings out, one interface for every space.
 
-`conf/space/<name>.yaml` names its encoder in an `encoder:` block; `kind` picks the module:
-    open_clip    image, text  encoders/openclip.py     EVA02-E, SigLIP, DFN, EVA-CLIP-18B, tiny_clip
-    laion_clap   audio, text  encoders/clap.py         CLAP, tiny_clap
-    precomputed  any          encoders/precomputed.py  Uni3D, WavCaps, ImageBind (their dumps)
-Video goes through the image encoder frame by frame and is averaged (encoders/video.py).
-The other keys of the block are the encoder's constructor arguments.
+`conf/space/<name>.yaml` declares its encoder as a Hydra `_target_` config; the other keys of
+the block are the class's constructor arguments (Hydra names a wrong key when it builds it):
+    encoders.openclip.OpenClipEncoder        image, text  EVA02-E, SigLIP, DFN, EVA-CLIP, tiny_clip
+    encoders.clap.ClapEncoder                audio, text  CLAP, tiny_clap
+    encoders.precomputed.PrecomputedEncoder  any          Uni3D, WavCaps, ImageBind (their dumps)
+Video goes through the image encoder frame by frame and is averaged (`Encoder.embed_video`).
+
+Raw items to embeddings in one call (what the inference API uses):
+    encoder = build_encoder(space_cfg.encoder, space_cfg.dims)
+    encoder.encode({"image": ["a.jpg"], "audio": ["a.wav"], "text": ["a dog"],
+                    "point": ["a.ply"], "video": ["clip_frames/"]})   # {modality: (n, dim)}
 """
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Mapping
 from typing import Any
 
+from hydra.errors import InstantiationException
+from hydra.utils import get_class, instantiate
+from omegaconf import DictConfig, OmegaConf
+
 from encoders.base import Encoder, Processor
 
-KINDS = ("open_clip", "laion_clap", "precomputed")
+
+def _plain(cfg: Mapping | DictConfig | None, where: str) -> dict:
+    if isinstance(cfg, DictConfig):
+        cfg = OmegaConf.to_container(cfg, resolve=True)
+    if not cfg or not isinstance(cfg, Mapping) or not cfg.get("_target_"):
+        raise ValueError(
+            f"{where}: the space has no `encoder:` block with a `_target_` (e.g. "
+            "encoders.openclip.OpenClipEncoder); add one to conf/space/<name>.yaml"
+        )
+    return dict(cfg)
 
 
-def _split(cfg: Mapping) -> tuple[str, dict]:
-    cfg = dict(cfg)
-    kind = cfg.pop("kind", None)
-    if kind not in KINDS:
-        raise ValueError(f"encoder.kind is {kind!r}; expected one of {list(KINDS)}")
-    return kind, cfg
+def encoder_class(cfg: Mapping | DictConfig | None) -> type[Encoder]:
+    """The Encoder subclass an `encoder:` block names with `_target_`."""
+    target = _plain(cfg, "encoder")["_target_"]
+    cls = get_class(target)
+    if not (isinstance(cls, type) and issubclass(cls, Encoder)):
+        raise ValueError(f"encoder._target_ {target!r} is not an encoders.base.Encoder subclass")
+    return cls
 
 
-def _check_keys(cls: type, kwargs: Mapping, kind: str) -> None:
-    allowed = set(inspect.signature(cls.__init__).parameters) - {"self", "dims", "load_weights"}
-    unknown = sorted(set(kwargs) - allowed)
-    if unknown:
-        raise ValueError(f"encoder ({kind}): unknown keys {unknown}; it takes {sorted(allowed)}")
-
-
-def build_processor(cfg: Mapping, dims: Mapping[str, int]) -> Processor:
+def build_processor(cfg: Mapping | DictConfig | None, dims: Mapping[str, int]) -> Processor:
     """The weightless input preparation of an encoder config (cheap; DataLoaders use it)."""
-    kind, kwargs = _split(cfg)
-    if kind == "open_clip":
-        from encoders.openclip import OpenClipEncoder
-        from encoders.openclip import build_processor as make
-
-        _check_keys(OpenClipEncoder, kwargs, kind)
-        return make(**kwargs)
-    if kind == "laion_clap":
-        from encoders.clap import ClapEncoder, ClapProcessor
-
-        _check_keys(ClapEncoder, kwargs, kind)
-        return ClapProcessor(**kwargs)
-    from encoders.precomputed import PrecomputedProcessor
-
-    return PrecomputedProcessor()
+    kwargs = _plain(cfg, "encoder")
+    cls = encoder_class(kwargs)
+    kwargs.pop("_target_")
+    return cls.build_processor(**kwargs)
 
 
 def build_encoder(
-    cfg: Mapping, dims: Mapping[str, int], load_weights: bool = True, **context: Any
+    cfg: Mapping | DictConfig | None,
+    dims: Mapping[str, int],
+    load_weights: bool = True,
+    **context: Any,
 ) -> Encoder:
     """The frozen encoder of a space's `encoder:` block, embedding the modalities in `dims`.
 
     load_weights=False builds the architecture only (ZeRO-3 loads the weights afterwards).
     A precomputed encoder needs `dataset` and `keys` ({modality: item keys}) in `context`.
     """
-    kind, kwargs = _split(cfg)
-    if kind == "open_clip":
-        from encoders.openclip import OpenClipEncoder as cls
-    elif kind == "laion_clap":
-        from encoders.clap import ClapEncoder as cls
-    else:
-        from encoders.precomputed import PrecomputedEncoder
-
-        _check_keys(PrecomputedEncoder, {**kwargs, **context}, kind)
-        return PrecomputedEncoder(dims, **kwargs, **context)
-    _check_keys(cls, kwargs, kind)
-    return cls(dims, **kwargs, load_weights=load_weights)
+    cfg = _plain(cfg, "encoder")
+    extra = dict(context) if encoder_class(cfg).precomputed else {"load_weights": load_weights}
+    try:
+        return instantiate(cfg, dims=dict(dims), **extra, _convert_="all")
+    except InstantiationException as e:
+        # Hydra wraps every error; the constructor's own (a wrong key's TypeError, a dim
+        # mismatch's ValueError, a missing checkpoint's FileNotFoundError) says more, typed.
+        if e.__cause__ is None:
+            raise
+        raise e.__cause__ from None
 
 
-__all__ = ["KINDS", "Encoder", "Processor", "build_encoder", "build_processor"]
+__all__ = ["Encoder", "Processor", "build_encoder", "build_processor", "encoder_class"]

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from encoders.modalities import check_modality
+from encoders.readers import LoadSettings, load_frames, load_raw
 
 
 class Processor:
@@ -45,6 +46,13 @@ class Processor:
 class Encoder(nn.Module):
     """A frozen encoder of one space; `dims` maps each modality it embeds to its output dim."""
 
+    precomputed = False  # True: items are keys into dumps, nothing is read from raw files
+
+    @classmethod
+    def build_processor(cls, **kwargs: Any) -> Processor:
+        """The processor of an encoder config (the constructor's keyword arguments)."""
+        return Processor()
+
     def __init__(self, dims: Mapping[str, int], processor: Processor) -> None:
         super().__init__()
         self.dims = {check_modality(m, type(self).__name__): int(d) for m, d in dims.items()}
@@ -70,14 +78,55 @@ class Encoder(nn.Module):
             out[modality] = F.normalize(emb, dim=-1)
         return out
 
+    def embed_video(self, frames: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """frames (batch, time, 3, H, W) -> (batch, dim): the mean of the L2-normalised frame
+        embeddings of the image side, L2-normalised again (mean pooling, as CLIP4Clip does).
+        `mask` (batch, time) marks real frames of zero-padded shorter clips (not embedded)."""
+        if frames.ndim != 5:
+            shape = tuple(frames.shape)
+            raise ValueError(f"video frames must be (batch, time, 3, H, W), got {shape}")
+        b, t = frames.shape[:2]
+        if mask is None:
+            emb = self({"image": frames.flatten(0, 1)})["image"]
+            return F.normalize(emb.view(b, t, -1).mean(dim=1), dim=-1)
+        mask = mask.to(frames.device)
+        real = self({"image": frames[mask]})["image"]  # (real frames, dim)
+        owner = torch.arange(b, device=frames.device).repeat_interleave(mask.sum(1))
+        sums = real.new_zeros(b, real.shape[1]).index_add_(0, owner, real)
+        return F.normalize(sums / mask.sum(1, keepdim=True).clamp_min(1), dim=-1)
+
     @torch.inference_mode()
-    def encode(self, raw: Mapping[str, Sequence[Any]]) -> dict[str, torch.Tensor]:
-        """Raw items (PIL images, waveforms, strings) -> unit embeddings, on the model's device."""
-        inputs = {}
+    def encode(
+        self, raw: Mapping[str, Sequence[Any]], settings: LoadSettings | None = None
+    ) -> dict[str, torch.Tensor]:
+        """{modality: raw items} -> {modality: (n, dim) unit embeddings} on the model's device.
+
+        Items: image paths or PIL images; audio paths (any rate) or mono waveforms at the
+        processor's rate; captions; .ply/.npy point paths or arrays; `video`: frame folders,
+        (T, H, W, 3) .npy clips, video files or lists of PIL frames, through the image side.
+        A precomputed encoder takes item keys. `settings` says how files are read.
+        """
+        s = settings or LoadSettings()
+        out = {}
         for modality, items in raw.items():
-            prepared = [self.processor.item(modality, x) for x in items]
-            inputs[modality] = to_device(self.processor.batch(modality, prepared), self.device)
-        return self(inputs)
+            if modality == "video":
+                clips = []
+                for x in items:
+                    frames = x if isinstance(x, (list, tuple)) else load_frames(
+                        str(x), s.frames, s.stride, s.frame_size)  # fmt: skip
+                    clips.append(torch.stack([self.processor.item("image", f) for f in frames]))
+                batch, mask = pad_frames(clips)
+                out[modality] = self.embed_video(to_device(batch, self.device), mask)
+                continue
+            if self.precomputed:
+                prepared = [self.processor.item(modality, x) for x in items]
+            else:
+                p = self.processor
+                prepared = [p.item(modality, load_raw(modality, x, p, s, i))
+                            for i, x in enumerate(items)]  # fmt: skip
+            batch = to_device(self.processor.batch(modality, prepared), self.device)
+            out[modality] = self({modality: batch})[modality]
+        return out
 
     @property
     def device(self) -> torch.device:
@@ -87,6 +136,17 @@ class Encoder(nn.Module):
         """Eval mode and no gradients: encoders are never trained here."""
         self.requires_grad_(False)
         return self.eval()
+
+
+def pad_frames(clips: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Clips (t_i, 3, H, W) -> (batch, max t, 3, H, W) zero-padded, and a (batch, max t) mask."""
+    t = max(len(c) for c in clips)
+    out = clips[0].new_zeros((len(clips), t, *clips[0].shape[1:]))
+    mask = torch.zeros(len(clips), t, dtype=torch.bool)
+    for i, c in enumerate(clips):
+        out[i, : len(c)] = c
+        mask[i, : len(c)] = True
+    return out, mask
 
 
 def to_device(batch: Any, device: torch.device) -> Any:

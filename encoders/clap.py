@@ -1,6 +1,6 @@
 """LAION-CLAP audio-text encoders (the `laion_clap` package), fully offline.
 
-    encoder: {kind: laion_clap, amodel: HTSAT-base, enable_fusion: false,
+    encoder: {_target_: encoders.clap.ClapEncoder, amodel: HTSAT-base, enable_fusion: false,
               checkpoint: /path/to/630k-audioset-best.pt, text_model_dir: /path/to/roberta-base}
 
 laion_clap builds its text branch with `RobertaModel.from_pretrained('roberta-base')` and
@@ -216,6 +216,19 @@ def load_clap_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
 
 class ClapEncoder(Encoder):
     """A LAION-CLAP model: audio (batch, samples) at 48 kHz and RoBERTa tokens in."""
+
+    @classmethod
+    def build_processor(
+        cls,
+        amodel: str = "HTSAT-base",
+        enable_fusion: bool = False,
+        checkpoint: str | None = None,
+        text_model_dir: str | None = None,
+        tiny_text: bool = False,
+        seed: int = 0,
+    ) -> ClapProcessor:
+        """The processor of this encoder config, without building the model."""
+        return ClapProcessor(amodel, enable_fusion, text_model_dir, tiny_text)
 
     def __init__(
         self,

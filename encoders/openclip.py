@@ -1,7 +1,9 @@
 """open_clip image-text encoders: any open_clip model name, `pretrained` a tag or a local file.
 
-    encoder: {kind: open_clip, model: EVA02-E-14-plus, pretrained: laion2b_s9b_b144k}
-    encoder: {kind: open_clip, model: ViT-B-32, pretrained: null, seed: 0, model_cfg: {...}}
+    encoder: {_target_: encoders.openclip.OpenClipEncoder, model: EVA02-E-14-plus,
+              pretrained: laion2b_s9b_b144k}
+    encoder: {_target_: encoders.openclip.OpenClipEncoder, model: ViT-B-32, pretrained: null,
+              seed: 0, model_cfg: {...}}
 
 `model` is a built-in open_clip name or `local-dir:/path` (a folder with open_clip_config.json and
 its weights); `model_cfg` replaces top-level keys of the built-in config (embed_dim, vision_cfg,
@@ -99,6 +101,20 @@ def build_processor(
 
 class OpenClipEncoder(Encoder):
     """An open_clip CLIP model: image (batch, 3, H, W) and text tokens (batch, context) in."""
+
+    @classmethod
+    def build_processor(
+        cls,
+        model: str,
+        pretrained: str | None = None,
+        model_cfg: Mapping | None = None,
+        tokenizer: str | None = None,
+        preprocess: Mapping | None = None,
+        precision: str = "fp32",
+        seed: int = 0,
+    ) -> OpenClipProcessor:
+        """The processor of this encoder config, without building the model."""
+        return build_processor(model, pretrained, model_cfg, tokenizer, preprocess)
 
     def __init__(
         self,

@@ -125,6 +125,13 @@ class PrecomputedProcessor(Processor):
 class PrecomputedEncoder(Encoder):
     """{modality: item keys} -> the dumped rows of those items, L2-normalised."""
 
+    precomputed = True
+
+    @classmethod
+    def build_processor(cls, path: str) -> PrecomputedProcessor:
+        """Items are their keys: nothing to prepare."""
+        return PrecomputedProcessor()
+
     def __init__(
         self, dims: Mapping[str, int], path: str, dataset: str, keys: Mapping[str, Sequence[str]]
     ) -> None:

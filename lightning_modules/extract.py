@@ -30,13 +30,13 @@ from omegaconf import DictConfig
 
 from datamodules.cache import CacheError, cache_dir
 from datamodules.demo_raw import ensure_demo_raw
-from datamodules.extraction import LoadSettings, RawDataModule
+from datamodules.extraction import RawDataModule
 from datamodules.items import list_items
 from datamodules.jobs import ExtractJob
-from encoders import build_encoder, build_processor
+from encoders import build_encoder, build_processor, encoder_class
 from encoders.base import Encoder
 from encoders.precomputed import DumpError
-from encoders.video import encode_video
+from encoders.readers import LoadSettings
 from lightning_modules.common import make_trainer, to_plain
 
 log = logging.getLogger(__name__)
@@ -69,7 +69,7 @@ class ExtractModule(L.LightningModule):
     def predict_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> dict:
         inputs, modality = batch["inputs"], batch["modality"]
         if batch["video"]:
-            emb = encode_video(self.encoder, inputs)
+            emb = self.encoder.embed_video(inputs, batch["mask"])
         else:
             emb = self.encoder({modality: inputs})[modality]
         return {"emb": emb, "ids": batch["ids"], "pad": batch["pad"]}
@@ -279,7 +279,7 @@ def run(cfg: DictConfig) -> int:
     if not cfg.extract.overwrite and all(job.is_complete() for job in jobs):
         log.info("every cache of %s for %s is already extracted", cfg.space.name, data.name)
         return 0
-    if cfg.space.encoder.kind == "precomputed":
+    if encoder_class(cfg.space.get("encoder")).precomputed:
         manifests = import_precomputed(cfg, jobs)
         return sum(m["count"] for m in manifests)
     encoder_cfg, dims = to_plain(cfg.space.encoder), dict(cfg.space.dims)

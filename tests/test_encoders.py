@@ -13,10 +13,9 @@ from omegaconf import OmegaConf
 
 from datamodules.demo_raw import ensure_demo_raw
 from datamodules.items import list_items
-from datamodules.readers import load_audio, load_image
 from encoders import build_encoder, build_processor
 from encoders.precomputed import DumpError, PrecomputedEncoder, load_dump, match_rows
-from encoders.video import encode_video, frame_indices
+from encoders.readers import frame_indices, load_audio, load_image
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +82,8 @@ def test_open_clip_local_checkpoint_and_dim_check(tiny_clip, tmp_path: Path) -> 
         json.dumps({"model_cfg": config, "preprocess_cfg": preprocess})
     )
     save_file(encoder.model.state_dict(), str(folder / "open_clip_model.safetensors"))
-    local = build_encoder({"kind": "open_clip", "model": f"local-dir:{folder}"}, {"image": 64})
+    target = "encoders.openclip.OpenClipEncoder"
+    local = build_encoder({"_target_": target, "model": f"local-dir:{folder}"}, {"image": 64})
     torch.testing.assert_close(local({"image": x})["image"], encoder({"image": x})["image"])
     assert list(local.processor.transform.transforms[-1].mean) == [0.5, 0.5, 0.5]
     assert set(local.pretrained_state_dict()) == set(local.state_dict())
@@ -91,10 +91,17 @@ def test_open_clip_local_checkpoint_and_dim_check(tiny_clip, tmp_path: Path) -> 
         build_encoder(enc_cfg, {"image": 512})
     with pytest.raises(ValueError, match="not \\['audio'\\]"):
         build_encoder(enc_cfg, {"audio": 64})
-    with pytest.raises(ValueError, match="unknown keys \\['pretrainde'\\]"):
+    # A misspelt key: Python names it, through Hydra's instantiate for the encoder.
+    with pytest.raises(TypeError, match="unexpected keyword argument 'pretrainde'"):
         build_processor({**enc_cfg, "pretrainde": "x"}, {"image": 64})
-    with pytest.raises(ValueError, match="encoder.kind"):
-        build_processor({"kind": "imagebind"}, {"image": 64})
+    with pytest.raises(TypeError, match="OpenClipEncoder.__init__.* 'pretrainde'"):
+        build_encoder({**enc_cfg, "pretrainde": "x"}, {"image": 64})
+    with pytest.raises(ValueError, match="no `encoder:` block with a `_target_`"):
+        build_processor(None, {"image": 64})
+    with pytest.raises(ValueError, match="no `encoder:` block"):
+        build_encoder({"model": "ViT-B-32"}, {"image": 64})  # the old `kind:`-style block
+    with pytest.raises(ValueError, match="not an encoders.base.Encoder subclass"):
+        build_encoder({"_target_": "torch.nn.Linear"}, {"image": 64})
     with pytest.raises(ValueError, match="does not embed 'audio'"):
         encoder({"audio": torch.zeros(1, 10)})
 
@@ -102,13 +109,21 @@ def test_open_clip_local_checkpoint_and_dim_check(tiny_clip, tmp_path: Path) -> 
 def test_video_is_the_renormalised_mean_of_its_frames(tiny_clip) -> None:
     encoder, _ = tiny_clip
     frames = torch.randn(2, 3, 3, 64, 64)
-    video = encode_video(encoder, frames)
+    video = encoder.embed_video(frames)
     per_frame = encoder({"image": frames.flatten(0, 1)})["image"].view(2, 3, -1)
     expected = torch.nn.functional.normalize(per_frame.mean(1), dim=-1)
     torch.testing.assert_close(video, expected)
     assert not torch.allclose(video[0], per_frame[0, 0])  # frames differ, so the mean matters
     assert frame_indices(8, 4).tolist() == [1, 3, 5, 7]
     assert frame_indices(2, 4).tolist() == [0, 0, 1, 1]
+    assert frame_indices(10, 4, stride=3).tolist() == [0, 3, 6, 9]
+    assert frame_indices(10, 3, stride=3).tolist() == [0, 3, 6]  # at most `frames`
+    assert frame_indices(4, 8, stride=2).tolist() == [0, 2]  # a short clip gives fewer
+    # A zero-padded shorter clip: its padded frames are left out of the mean.
+    mask = torch.tensor([[True, True, True], [True, False, False]])
+    masked = encoder.embed_video(frames, mask)
+    torch.testing.assert_close(masked[0], video[0], atol=1e-6, rtol=1e-5)  # all real: the same
+    torch.testing.assert_close(masked[1], per_frame[1, 0])  # one real frame: that frame
 
 
 def test_clap_processor_refuses_a_tokenizer_that_does_not_fit(tmp_path: Path) -> None:

@@ -21,7 +21,11 @@ from datamodules.demo_raw import AUDIO, IMAGES, SHAPES, ensure_demo_raw, write_p
 from datamodules.extraction import LoadSettings, RawDataModule, RawDataset
 from datamodules.items import Items, RawDataError, list_items
 from datamodules.jobs import ExtractJob
-from datamodules.readers import (
+from encoders import build_encoder
+from encoders.base import Processor
+from encoders.modalities import PROVENANCES
+from encoders.openclip import OpenClipEncoder
+from encoders.readers import (
     fit_length,
     load_audio,
     load_frames,
@@ -29,10 +33,6 @@ from datamodules.readers import (
     load_points,
     read_ply,
 )
-from encoders import build_encoder
-from encoders.base import Processor
-from encoders.modalities import PROVENANCES
-from encoders.openclip import OpenClipEncoder
 from lightning_modules.extract import ExtractModule, read_errors, run
 
 BASE = ("stage=extract", "space=tiny_clip", "data=demo_raw", "trainer=cpu", "logger=none",
@@ -92,10 +92,8 @@ def test_extract_tiny_clip_fills_every_cache(tmp_path: Path, demo: Path) -> None
     frames = torch.stack(
         [torch.stack([prepare("image", f) for f in load_frames(s, 4)]) for s in vids.sources]
     )
-    from encoders.video import encode_video
-
     with torch.no_grad():
-        np.testing.assert_allclose(video.load(), encode_video(encoder, frames).numpy(), atol=2e-3)
+        np.testing.assert_allclose(video.load(), encoder.embed_video(frames).numpy(), atol=2e-3)
     assert json.loads((image.directory / "items.json").read_text())["keys"] == items.keys
 
 
@@ -317,7 +315,8 @@ def test_synthetic_data_has_nothing_to_extract(tmp_path: Path) -> None:
 def test_deepspeed_infer_composes_and_reaches_the_strategy(tmp_path: Path, demo: Path) -> None:
     cfg = extract_cfg(tmp_path, demo, "trainer=deepspeed_infer", "space=eva_clip_18b")
     assert cfg.trainer.strategy.stage == 3 and cfg.trainer.precision == "bf16-true"
-    assert cfg.space.encoder.kind == "open_clip" and cfg.space.dims.image == 1536
+    assert cfg.space.encoder._target_ == "encoders.openclip.OpenClipEncoder"
+    assert cfg.space.dims.image == 1536
     cfg = extract_cfg(tmp_path, demo, "trainer=deepspeed_infer", "trainer.accelerator=cpu")
     # On a CPU, Lightning builds the DeepSpeed ZeRO-3 strategy and then refuses to run it.
     with pytest.raises(RuntimeError, match="DeepSpeed strategy is only supported on CUDA GPUs"):

@@ -1,4 +1,6 @@
-"""Readers: one raw file -> an array or image. Each raises on anything unreadable.
+"""Readers: one raw file -> an array or image, the first step of every encoder's input path.
+
+Each raises on anything unreadable (RawDataError names what is wrong; callers add the file).
 
 image   load_image     any format Pillow decodes, as RGB
 audio   load_audio     any format soundfile reads, mono, resampled (scipy) and fitted
@@ -9,15 +11,39 @@ video   load_frames    a frame folder, a (T, H, W, 3) .npy, or a video file (PyA
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import torch
 
-from datamodules.items import EXTENSIONS, RawDataError
-from encoders.video import frame_indices
-
+EXTENSIONS = {
+    "image": (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"),
+    "audio": (".wav", ".flac", ".ogg", ".mp3", ".aiff", ".aif"),
+    "point": (".npy", ".ply"),
+}
+VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".npy")
 DEFAULT_RGB = 0.4  # colour of uncoloured point clouds (Uni3D's convention)
 FRAME_SIZE_POLICIES = ("resize", "raise")
+
+
+class RawDataError(ValueError):
+    """A raw item or list is unreadable or malformed; the message names the file."""
+
+
+def frame_indices(total: int, frames: int, stride: int | None = None) -> np.ndarray:
+    """Which of `total` frames to embed: `frames` spread evenly (the centre of each equal
+    segment), or with a `stride` every stride-th frame from the first, at most `frames`."""
+    if total < 1:
+        raise RawDataError("a video with no frames")
+    if frames < 1:
+        raise ValueError(f"frames is {frames}; expected at least 1")
+    if stride:
+        if stride < 1:
+            raise ValueError(f"stride is {stride}; expected at least 1")
+        return np.arange(0, total, int(stride), dtype=np.int64)[:frames]
+    return np.minimum(((np.arange(frames) + 0.5) * total / frames).astype(np.int64), total - 1)
 
 
 def load_image(path: str):
@@ -184,3 +210,52 @@ def load_frames(
                 )
             out[n] = frame.resize(size)
     return out
+
+
+@dataclass
+class LoadSettings:
+    """How raw files become encoder inputs, beside what the processor says."""
+
+    clip: str = "start"  # audio longer than the encoder's window: keep its start or its centre
+    pad: str = "repeat"  # audio shorter: repeat it (laion_clap's default) or pad with zeros
+    num_points: int | None = 10000
+    normalize_points: bool = True
+    frame_size: str = "resize"  # a video frame of another size: resize it, or raise
+    frames: int = 8  # video frames per clip when a caller gives none (the extract stage does)
+    stride: int | None = None  # video: every stride-th frame (None: `frames` spread evenly)
+    seed: int = 0
+
+
+def load_raw(
+    modality: str, item: Any, processor: Any, settings: LoadSettings, index: int = 0
+) -> Any:
+    """One raw item -> what `processor.item` takes: a path is read, anything else is passed on.
+
+    image: a path or a PIL image; audio: a path, or a mono waveform array at the processor's
+    sample rate; point: a .npy/.ply path or an (n, 3 | 6) array (points are drawn with a seed
+    derived from `settings.seed` and `index`); text: the caption.
+    """
+    s = settings
+    path = isinstance(item, (str, Path))
+    if modality == "text":
+        return str(item)
+    if modality == "image":
+        return load_image(str(item)) if path else item
+    if modality == "audio":
+        if path:
+            return load_audio(str(item), processor.sample_rate, processor.clip_samples, s.clip,
+                              s.pad)  # fmt: skip
+        wave = np.asarray(item, dtype=np.float32)
+        if wave.ndim != 1:
+            raise RawDataError(f"a waveform must be mono (samples,), got shape {wave.shape}")
+        if processor.clip_samples:
+            wave = fit_length(wave, int(processor.clip_samples), s.clip, s.pad)
+        return wave
+    if modality == "point":
+        seed = s.seed * 1_000_003 + index
+        if path:
+            pts = load_points(str(item), s.num_points, seed=seed, normalize=s.normalize_points)
+        else:
+            pts = np.asarray(item, dtype=np.float32)
+        return torch.from_numpy(pts)
+    raise ValueError(f"no reader for modality {modality!r}")
