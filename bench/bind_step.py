@@ -39,7 +39,7 @@ from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
 from datamodules.embeddings import EmbeddingDataModule  # noqa: E402
-from lightning_modules.bind import BindModule, expert_starts  # noqa: E402
+from lightning_modules.bind import BindModule  # noqa: E402
 from lightning_modules.common import CONF_DIR, ensure_data, make_trainer, to_plain  # noqa: E402
 
 
@@ -98,7 +98,7 @@ def build(cfg: DictConfig, root: Path) -> tuple[BindModule, EmbeddingDataModule]
         anchor.name,
         dims,
         anchor_dims,
-        expert_starts(cfg.bind.experts, list(dims)),
+        to_plain(cfg.bind.experts),
         hidden_dim=cfg.bind.hidden_dim,
         renormalize=cfg.bind.renormalize,
         temperature=cfg.loss.temperature,

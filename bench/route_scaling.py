@@ -29,8 +29,10 @@ def make_batch(n_spaces: int, batch: int, dim: int, pred_dim: int) -> tuple[Rout
     groups = {m: spaces for m in MODALITIES}
     predictors = {m: ["pred"] for m in MODALITIES}
     specialty = {s: PROVENANCES[i % len(PROVENANCES)] for i, s in enumerate(spaces)}
-    model = RouteModule(groups, predictors, {m: pred_dim for m in MODALITIES}, specialty, "anchor",
-                        scales={"text": 10.0})  # fmt: skip
+    meta = dict(kind="routed", anchor="anchor", groups=groups, predictors=predictors,
+                predictor_dims={m: pred_dim for m in MODALITIES}, specialty=specialty, spaces={},
+                scales={m: 10.0 if m == "text" else 1.0 for m in MODALITIES})  # fmt: skip
+    model = RouteModule(meta)
     emb = {s + PROJECTED: {m: F.normalize(torch.randn(batch, dim), dim=-1) for m in MODALITIES}
            for s in spaces}  # fmt: skip
     emb["pred"] = {m: torch.randn(batch, pred_dim) for m in MODALITIES}

@@ -9,6 +9,7 @@ import logging
 import math
 from pathlib import Path
 
+import hydra
 import lightning as L
 import torch
 from omegaconf import DictConfig
@@ -17,18 +18,12 @@ from safetensors.torch import load_file, save_file
 from torchmetrics import MeanMetric
 
 from datamodules.cache import CacheError, atomic_write, atomic_write_json, sha256_file
-from datamodules.embeddings import EmbeddingDataModule
 from encoders.modalities import LETTERS, MODALITIES, PAIRS
-from lightning_modules.common import (
-    ensure_data,
-    fit_best,
-    pairs_source,
-    to_plain,
-    tuples_path,
-)
+from lightning_modules.config import ensure_data, pairs_source, tuples_path
 from lightning_modules.losses import info_nce
 from lightning_modules.metrics import compute_directions, direction_metrics
 from lightning_modules.models import ProjectorMixture
+from lightning_modules.training import fit_best
 
 log = logging.getLogger(__name__)
 FREEBIND_EXPERTS = ("mix", "A", "T", "V", "AT", "AV", "TV")
@@ -82,7 +77,7 @@ class BindModule(L.LightningModule):
         anchor: str,
         dims: dict[str, int],
         anchor_dims: dict[str, int],
-        experts: dict[str, list[int]],
+        experts: str | list[str] = "freebind",
         hidden_dim: int = 2048,
         renormalize: bool = False,
         temperature: float = 0.03,
@@ -90,7 +85,6 @@ class BindModule(L.LightningModule):
         lr: float = 1e-3,
         weight_decay: float = 0.0,
         warmup_fraction: float = 0.05,
-        val_pairs: list[tuple[str, str]] = (),
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -102,16 +96,18 @@ class BindModule(L.LightningModule):
         out_dims = set(anchor_dims.values())
         if len(out_dims) != 1:
             raise ValueError(f"anchor {anchor!r}: modalities must share one dim, got {anchor_dims}")
+        self.starts = {
+            name: torch.tensor(s) for name, s in expert_starts(experts, list(dims)).items()
+        }
         self.mixture = ProjectorMixture(
-            in_dims.pop(), out_dims.pop(), hidden_dim, len(experts), renormalize
+            in_dims.pop(), out_dims.pop(), hidden_dim, len(self.starts), renormalize
         )
-        self.starts = {name: torch.tensor(s) for name, s in experts.items()}
         self.weights = {
             f"{m}_{n}": float((loss_weights or {}).get(f"{m}_{n}", 1.0))
             for m in dims
             for n in anchor_dims
         }
-        self.val_pairs = [tuple(p) for p in val_pairs]
+        self.val_pairs = retrieval_sides(list(dims), list(anchor_dims))
         self.recall = direction_metrics(self.val_pairs)
         self.val_loss = MeanMetric()
 
@@ -197,7 +193,7 @@ def export_bound_space(model: BindModule, directory: str | Path, **extra) -> Pat
         dims=dict(hp.dims),
         out_dim=model.mixture.out_dim,
         hidden_dim=hp.hidden_dim,
-        experts=list(hp.experts),
+        experts=list(model.starts),
         renormalize=hp.renormalize,
         sha256=sha256_file(directory / EXPORT_WEIGHTS),
         **extra,
@@ -237,44 +233,23 @@ def run(cfg: DictConfig) -> float:
     space, anchor = cfg.space, cfg.anchor
     if space.name == anchor.name:
         raise ValueError(f"space {space.name!r} is the anchor; bind a source space")
-    dims, anchor_dims = dict(space.dims), dict(anchor.dims)
-    if not set(dims) & set(anchor_dims):
+    if not set(space.dims) & set(anchor.dims):
         raise ValueError(
-            f"space {space.name!r} ({sorted(dims)}) shares no modality with the anchor "
-            f"{anchor.name!r} ({sorted(anchor_dims)}), so there is nothing to bind through"
+            f"space {space.name!r} ({sorted(space.dims)}) shares no modality with the anchor "
+            f"{anchor.name!r} ({sorted(anchor.dims)}), so there is nothing to bind through"
         )
+    model: BindModule = hydra.utils.instantiate(cfg.model.bind)
     root = ensure_data(cfg, [space.name, anchor.name])
-    experts = expert_starts(cfg.bind.experts, list(dims))
-    val_pairs = retrieval_sides(list(dims), list(anchor_dims))
-    needs = [(space.name, m) for m in dims] + [(anchor.name, m) for m in anchor_dims]
-    expected = {(space.name, m): d for m, d in dims.items()} | {
-        (anchor.name, m): d for m, d in anchor_dims.items()
-    }
-    dm = EmbeddingDataModule(
+    dims = {(s.name, m): d for s in (space, anchor) for m, d in s.dims.items()}
+    datamodule = hydra.utils.instantiate(cfg.datamodule)(
         root,
         tuples_path(cfg, cfg.bind.pairs, root),
-        needs,
-        expected,
-        val_pairs,
+        needs=list(dims),
+        dims=dims,
+        val_pairs=model.val_pairs,
         batch_size=cfg.bind.batch_size,
-        seed=cfg.seed,
     )
-    model = BindModule(
-        space.name,
-        anchor.name,
-        dims,
-        anchor_dims,
-        experts,
-        hidden_dim=cfg.bind.hidden_dim,
-        renormalize=cfg.bind.renormalize,
-        temperature=cfg.loss.temperature,
-        loss_weights=to_plain(cfg.loss.weights),
-        lr=cfg.bind.lr,
-        weight_decay=cfg.bind.weight_decay,
-        warmup_fraction=cfg.bind.warmup_fraction,
-        val_pairs=val_pairs,
-    )
-    trainer, best, score = fit_best(cfg, model, dm, cfg.bind.epochs)
+    trainer, best, score = fit_best(cfg, model, datamodule, cfg.bind.epochs)
     if trainer.is_global_zero:
         export_bound_space(
             best,

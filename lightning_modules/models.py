@@ -58,7 +58,11 @@ class ProjectorMixture(nn.Module):
 
 
 class Router(nn.Module):
-    """Linear(in, 512), BN, ReLU, Linear(512, 100), BN, Tanh, Linear(100, G), then sigmoid."""
+    """Linear(in, 512), BN, ReLU, Linear(512, 100), BN, Tanh, Linear(100, G).
+
+    It returns logits; OmniModel applies the sigmoid (and L_dec takes the logits, which keeps the
+    BCE safe under autocast).
+    """
 
     def __init__(self, in_dim: int, n_groups: int, hidden: tuple[int, int] = (512, 100)) -> None:
         super().__init__()
@@ -70,5 +74,5 @@ class Router(nn.Module):
         )  # fmt: skip
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: (batch, in_dim) -> sigmoid scores (batch, n_groups) in (0, 1)."""
-        return torch.sigmoid(self.router(x))
+        """x: (batch, in_dim) -> logits (batch, n_groups)."""
+        return self.router(x)

@@ -1,13 +1,11 @@
-"""The omni model: frozen projectors of every bound space plus one router per modality.
-
-omni(x)_m = normalize(sum_g w_g(x) * P_g(x)), with P_g the group's projected embedding (the mean of
-its experts) and w = softmax(scale_m * router_m(predictor input)) (paper Eq. 3-4).
-"""
+"""The omni model: frozen projectors of every bound space plus one router per modality."""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -23,15 +21,15 @@ WEIGHTINGS = ("routed", "average")
 
 
 class FixedWeights(nn.Module):
-    """Input-independent group weights with the router's parametrisation: sigmoid(theta)."""
+    """Input-independent group logits with the router's parametrisation: sigmoid(theta)."""
 
     def __init__(self, in_dim: int, n_groups: int) -> None:
         super().__init__()
         self.theta = nn.Parameter(torch.zeros(n_groups))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: (batch, in_dim), only its batch size is used -> (batch, n_groups) in (0, 1)."""
-        return torch.sigmoid(self.theta).expand(len(x), -1)
+        """x: (batch, in_dim), only its batch size is used -> logits (batch, n_groups)."""
+        return self.theta.expand(len(x), -1)
 
 
 def make_routers(kind: str, in_dims: dict[str, int], groups: dict[str, list[str]]) -> nn.ModuleDict:
@@ -49,13 +47,20 @@ def specialty_labels(provenance: torch.Tensor, specialties: list[str]) -> torch.
     return (provenance[:, None] == spec[None, :]).float()
 
 
-def combine(projected: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """projected (batch, groups, dim), weights (batch, groups) -> normalised (batch, dim)."""
-    return F.normalize((projected * weights.unsqueeze(-1)).sum(1), dim=-1)
+class RouterOutput(NamedTuple):
+    """What `OmniModel.forward(..., with_router=True)` returns beside the embeddings."""
+
+    embeddings: dict[str, torch.Tensor]  # {modality: (batch, omni_dim)}, L2-normalised
+    weights: dict[str, torch.Tensor]  # {modality: (batch, groups)}, rows sum to 1
+    logits: dict[str, torch.Tensor]  # {modality: (batch, groups)}, the routers' pre-sigmoid output
 
 
 class OmniModel(nn.Module):
-    """Projectors (frozen) and routers of one variant, loaded from the route stage's export.
+    """Frozen projectors of every bound space plus one router per modality (paper Eq. 3-4).
+
+    `forward({space: {modality: (batch, dim_space)}}) -> {modality: (batch, omni_dim)}`, as
+    ImageBind's model does. It is the one place the routing arithmetic is written: the route stage
+    trains it, and evaluate, inference and convert use it.
 
     meta: groups {modality: [space, ...]}, predictors {modality: [space, ...]}, scales {modality},
     anchor (its group needs no projector), spaces {space: bound-space metadata}, and optionally
@@ -66,12 +71,23 @@ class OmniModel(nn.Module):
     def __init__(self, meta: dict, kind: str = "routed") -> None:
         super().__init__()
         self.meta = meta
-        self.projectors = nn.ModuleDict({
-            name: ProjectorMixture(next(iter(b["dims"].values())), b["out_dim"], b["hidden_dim"],
-                                   len(b["experts"]), b["renormalize"])
-            for name, b in meta["spaces"].items()
-        })  # fmt: skip
-        self.routers = make_routers(kind, meta["predictor_dims"], meta["groups"])
+        routers = make_routers(kind, meta["predictor_dims"], meta["groups"])
+        # The projectors' weights are always loaded afterwards (bound spaces, an export): their
+        # init must not move the global RNG, so a seed gives the same routers as before.
+        with torch.random.fork_rng(devices=[]):
+            self.projectors = nn.ModuleDict({
+                name: ProjectorMixture(next(iter(b["dims"].values())), b["out_dim"],
+                                       b["hidden_dim"], len(b["experts"]), b["renormalize"])
+                for name, b in meta["spaces"].items()
+            })  # fmt: skip
+        self.projectors.requires_grad_(False)
+        self.routers = routers
+
+    def train(self, mode: bool = True) -> OmniModel:
+        """Only the routers train: the frozen projectors' BatchNorm stays in eval mode."""
+        super().train(mode)
+        self.projectors.eval()
+        return self
 
     @classmethod
     def load(cls, directory: str | Path) -> OmniModel:
@@ -114,24 +130,48 @@ class OmniModel(nn.Module):
         """inputs {space: (batch, dim_space)} -> projected groups (batch, groups, omni_dim)."""
         return torch.stack([self.group(g, inputs) for g in self.meta["groups"][modality]], 1)
 
-    def weights(
-        self, modality: str, inputs: dict[str, torch.Tensor], weighting: str = "routed"
-    ) -> torch.Tensor:
-        """Group weights (batch, groups): the router's, or uniform for `average`."""
-        groups = self.meta["groups"][modality]
-        n = len(next(iter(inputs.values())))
-        if weighting == "average":
-            device = next(iter(inputs.values())).device
-            return torch.full((n, len(groups)), 1.0 / len(groups), device=device)
-        x = torch.cat([inputs[p].float() for p in self.meta["predictors"][modality]], 1)
-        return torch.softmax(self.meta["scales"][modality] * self.routers[modality](x), -1)
+    def forward(
+        self,
+        inputs: Mapping[str, Mapping[str, torch.Tensor]],
+        weighting: str = "routed",
+        projected: Mapping[str, torch.Tensor] | None = None,
+        with_router: bool = False,
+    ) -> dict[str, torch.Tensor] | RouterOutput:
+        """{space: {modality: (batch, dim)}} -> {modality: (batch, omni_dim)}, L2-normalised.
+
+        omni_m = normalize(sum_g w_g * P_g), w = softmax(scale_m * sigmoid(router_m(x))), x the
+        concatenated predictor spaces' embeddings (Eq. 3-4); `average` gives uniform w. Every
+        modality with groups that some input (or `projected`) carries is embedded.
+        projected: {modality: (batch, groups, omni_dim)} group embeddings computed beforehand (the
+        route stage caches them, since the projectors are frozen); inputs then need only the
+        predictor spaces. with_router: also return the weights and the routers' logits.
+        """
+        if weighting not in WEIGHTINGS:
+            raise ValueError(f"weighting is {weighting!r}; expected one of {WEIGHTINGS}")
+        projected = projected or {}
+        offered = {m for per in inputs.values() for m in per} | set(projected)
+        out = RouterOutput({}, {}, {})
+        for m in [m for m in MODALITIES if m in offered and m in self.meta["groups"]]:
+            per_space = {s: x[m] for s, x in inputs.items() if m in x}
+            groups = projected[m] if m in projected else self.project(m, per_space)
+            if weighting == "average":
+                n = len(self.meta["groups"][m])
+                weights = groups.new_full((len(groups), n), 1.0 / n, dtype=torch.float32)
+            else:
+                x = torch.cat([per_space[p].float() for p in self.meta["predictors"][m]], 1)
+                out.logits[m] = self.routers[m](x)
+                scale = self.meta["scales"][m]
+                weights = torch.softmax(scale * torch.sigmoid(out.logits[m]), -1)
+            out.weights[m] = weights
+            out.embeddings[m] = F.normalize((groups * weights.unsqueeze(-1)).sum(1), dim=-1)
+        return out if with_router else out.embeddings
 
     @torch.no_grad()
     def embed_spaces(
         self, modality: str, inputs: dict[str, torch.Tensor], weighting: str = "routed"
     ) -> torch.Tensor:
         """Omni embeddings (batch, omni_dim) from per-space embeddings of one modality."""
-        return combine(self.project(modality, inputs), self.weights(modality, inputs, weighting))
+        return self({s: {modality: x} for s, x in inputs.items()}, weighting)[modality]
 
     def needed_spaces(self, modality: str) -> list[str]:
         """Spaces whose caches `embed` reads for this modality (groups, blend parts, predictors)."""

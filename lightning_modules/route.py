@@ -11,6 +11,7 @@ import hashlib
 import logging
 from pathlib import Path
 
+import hydra
 import lightning as L
 import matplotlib
 import numpy as np
@@ -19,19 +20,13 @@ from omegaconf import DictConfig
 from torchmetrics import MeanMetric
 
 from datamodules.cache import CacheError, CacheWriter, EmbeddingCache, cache_dir, read_manifest
-from datamodules.embeddings import EmbeddingDataModule
 from encoders.modalities import MODALITIES, PAIRS, PROVENANCES
 from lightning_modules.bind import EXPORT_WEIGHTS, load_bound_space
-from lightning_modules.common import (
-    ensure_data,
-    fit_best,
-    space_configs,
-    to_plain,
-    tuples_path,
-)
+from lightning_modules.config import ensure_data, space_configs, to_plain, tuples_path
 from lightning_modules.losses import alignment_loss, decoupling_loss, info_nce
 from lightning_modules.metrics import compute_directions, direction_metrics
-from lightning_modules.omni import OmniModel, combine, make_routers, specialty_labels
+from lightning_modules.omni import OmniModel, RouterOutput, specialty_labels
+from lightning_modules.training import fit_best
 
 matplotlib.use("Agg")
 log = logging.getLogger(__name__)
@@ -132,65 +127,51 @@ def ensure_projected(
 
 
 class RouteModule(L.LightningModule):
-    """Routers over frozen projected groups, trained with L_align + lambda * L_dec (Eq. 5-7)."""
+    """Trains the routers of an OmniModel over its frozen projectors: L_align + lambda * L_dec.
+
+    Batches carry each group's projection precomputed (`<space>@omni` caches, the anchor's own
+    embeddings) and the predictor spaces' embeddings; `OmniModel.forward` does the routing.
+    """
 
     def __init__(
         self,
-        groups: dict[str, list[str]],
-        predictors: dict[str, list[str]],
-        predictor_dims: dict[str, int],
-        specialty: dict[str, str],
-        anchor: str,
+        meta: dict,
         kind: str = "routed",
-        scales: dict[str, float] | None = None,
         temperature: float = 0.03,
         align: float = 1.0,
         lambda_dec: float = 3.0,
         lr: float = 1e-3,
+        fixed_lr: float = 1e-2,
         weight_decay: float = 0.0,
-        val_pairs: list[tuple[str, str]] = (),
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        self.routers = make_routers(kind, predictor_dims, groups)
-        self.scales = {m: float((scales or {}).get(m, 1.0)) for m in groups}
-        self.val_pairs = [tuple(p) for p in val_pairs]
+        self.model = OmniModel(meta, kind)
+        groups = meta["groups"]
+        self.val_pairs = [(a, b) for a, b in PAIRS if a in groups and b in groups]
         self.recall = direction_metrics(self.val_pairs)
         self.val_loss = MeanMetric()
         self._weights: dict[str, list[torch.Tensor]] = {}
 
-    def group_key(self, space: str) -> str:
-        return space if space == self.hparams.anchor else space + PROJECTED
-
-    def sigmoid(self, emb: dict, m: str) -> torch.Tensor:
-        x = torch.cat([emb[p][m] for p in self.hparams.predictors[m]], 1)
-        return self.routers[m](x)
-
-    def omni(
-        self, emb: dict, m: str, sigmoid: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(omni embeddings (batch, dim), group weights (batch, groups)) of modality m."""
-        sigmoid = self.sigmoid(emb, m) if sigmoid is None else sigmoid
-        weights = torch.softmax(self.scales[m] * sigmoid, -1)
-        projected = torch.stack([emb[self.group_key(g)][m] for g in self.hparams.groups[m]], 1)
-        return combine(projected, weights), weights
+    def forward(self, emb: dict) -> RouterOutput:
+        """A batch's omni embeddings, weights and router logits for every modality it carries."""
+        meta = self.model.meta
+        projected = {}
+        for m, groups in meta["groups"].items():
+            keys = [g if g == meta["anchor"] else g + PROJECTED for g in groups]
+            if all(m in emb.get(k, {}) for k in keys):
+                projected[m] = torch.stack([emb[k][m] for k in keys], 1)
+        return self.model(emb, projected=projected, with_router=True)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        hp = self.hparams
-        emb = batch["emb"]
-        out, text_sigmoid = {}, None
-        for m in hp.groups:
-            s = self.sigmoid(emb, m)
-            out[m] = self.omni(emb, m, s)[0]
-            if m == "text":
-                text_sigmoid = s
-        loss = hp.align * alignment_loss(out, hp.temperature)
+        hp, meta = self.hparams, self.model.meta
+        out = self(batch["emb"])
+        loss = hp.align * alignment_loss(out.embeddings, hp.temperature)
         self.log("train/loss_align", loss, on_step=False, on_epoch=True)
-        if hp.lambda_dec and text_sigmoid is not None:
-            labels = specialty_labels(
-                batch["provenance"], [hp.specialty[g] for g in hp.groups["text"]]
-            )
-            dec = decoupling_loss(text_sigmoid, labels)
+        if hp.lambda_dec and "text" in out.logits:
+            specialty = [meta["specialty"][g] for g in meta["groups"]["text"]]
+            labels = specialty_labels(batch["provenance"], specialty)
+            dec = decoupling_loss(torch.sigmoid(out.logits["text"]), labels)
             self.log("train/loss_dec", dec, on_step=False, on_epoch=True)
             loss = loss + hp.lambda_dec * dec
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True)
@@ -198,15 +179,16 @@ class RouteModule(L.LightningModule):
 
     def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
         a, b = self.val_pairs[dataloader_idx]
-        (ea, wa), (eb, wb) = self.omni(batch["emb"], a), self.omni(batch["emb"], b)
+        out = self(batch["emb"])
+        ea, eb = out.embeddings[a], out.embeddings[b]
         ids = batch["index"]
         self.recall[f"{a}_to_{b}"].update(ea, ids, ids, eb, ids)
         self.recall[f"{b}_to_{a}"].update(eb, ids, ids, ea, ids)
         self.val_loss.update(info_nce(ea, eb, self.hparams.temperature), weight=len(ids))
         # Router weights per modality, and for text per provenance (a caption names its partner).
-        for m, w, partner in ((a, wa, b), (b, wb, a)):
+        for m, partner in ((a, b), (b, a)):
             key = f"text/{partner}" if m == "text" else m
-            self._weights.setdefault(key, []).append(w.detach().float().mean(0))
+            self._weights.setdefault(key, []).append(out.weights[m].detach().float().mean(0))
 
     def on_validation_epoch_end(self) -> None:
         scores = compute_directions(self.recall)
@@ -219,12 +201,14 @@ class RouteModule(L.LightningModule):
         self._weights = {}
         for key, w in self.mean_weights.items():
             m = key.split("/")[0]
-            for g, value in zip(self.hparams.groups[m], w.tolist(), strict=True):
+            for g, value in zip(self.model.meta["groups"][m], w.tolist(), strict=True):
                 self.log(f"router/{key}/{g}", value)
 
     def configure_optimizers(self):
         return torch.optim.Adam(
-            self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay
+            self.model.routers.parameters(),
+            lr=self.hparams.lr,
+            weight_decay=self.hparams.weight_decay,
         )
 
 
@@ -287,50 +271,28 @@ def run(cfg: DictConfig) -> float:
     needs = {(s + PROJECTED if s != anchor else s, m) for m, gs in groups.items() for s in gs}
     needs |= {(p, m) for m, ps in layout["predictors"].items() for p in ps}
     roots = {s + PROJECTED: proj_root for s in sources}
-    dm = EmbeddingDataModule(
-        root,
-        tuples,
-        needs,
-        {},
-        val_pairs,
-        batch_size=cfg.route.batch_size,
-        seed=cfg.seed,
-        roots=roots,
+    datamodule = hydra.utils.instantiate(cfg.datamodule)(
+        root, tuples, needs, {}, val_pairs, batch_size=cfg.route.batch_size, roots=roots
     )
-    model = RouteModule(
-        groups,
-        layout["predictors"],
-        layout["predictor_dims"],
-        layout["specialty"],
-        anchor,
+    meta = dict(
+        variant=cfg.variant.name,
         kind=cfg.route.kind,
-        scales=to_plain(cfg.route.scales),
-        temperature=cfg.loss.temperature,
-        align=cfg.loss.align,
+        anchor=anchor,
+        groups=groups,
+        predictors=layout["predictors"],
+        predictor_dims=layout["predictor_dims"],
+        scales={m: float(to_plain(cfg.route.scales).get(m, 1.0)) for m in groups},
+        specialty=layout["specialty"],
+        spaces={name: b[1] for name, b in bound.items()},
         lambda_dec=cfg.loss.lambda_dec,
-        lr=cfg.route.lr if cfg.route.kind == "routed" else cfg.route.fixed_lr,
-        weight_decay=cfg.route.weight_decay,
-        val_pairs=val_pairs,
     )
-    trainer, best, score = fit_best(cfg, model, dm, cfg.route.epochs)
+    model: RouteModule = hydra.utils.instantiate(cfg.model.route, meta=meta)
+    for name, (mixture, _) in bound.items():
+        model.model.projectors[name].load_state_dict(mixture.state_dict())
+    trainer, best, score = fit_best(cfg, model, datamodule, cfg.route.epochs)
     if trainer.is_global_zero:
-        meta = dict(
-            variant=cfg.variant.name,
-            kind=cfg.route.kind,
-            anchor=anchor,
-            groups=groups,
-            predictors=layout["predictors"],
-            predictor_dims=layout["predictor_dims"],
-            scales=model.scales,
-            specialty=layout["specialty"],
-            spaces={name: b[1] for name, b in bound.items()},
-            lambda_dec=cfg.loss.lambda_dec,
-            best_val_mean_R1=score,
-        )
-        omni = OmniModel(meta, cfg.route.kind)
-        for name, (mixture, _) in bound.items():
-            omni.projectors[name].load_state_dict(mixture.state_dict())
-        omni.routers.load_state_dict(best.routers.state_dict())
+        omni = best.model
+        omni.meta = {**omni.meta, "best_val_mean_R1": score}
         omni.save(cfg.route.export_dir)
         png = weight_heatmap(
             getattr(model, "mean_weights", {}), groups, Path(cfg.run_dir) / "router_weights.png"

@@ -39,9 +39,14 @@ def _unit(*shape: int, seed: int = 0) -> torch.Tensor:
 
 def _small_module(**kw) -> BindModule:
     """A BindModule of an audio-text space (dim 8) bound to an image-text anchor (dim 6)."""
-    experts = expert_starts("freebind", ["audio", "text"])
     return BindModule(
-        "src", "anc", {"audio": 8, "text": 8}, {"image": 6, "text": 6}, experts, hidden_dim=16, **kw
+        "src",
+        "anc",
+        {"audio": 8, "text": 8},
+        {"image": 6, "text": 6},
+        "freebind",
+        hidden_dim=16,
+        **kw,
     )
 
 
@@ -134,7 +139,7 @@ def test_every_expert_receives_gradients() -> None:
 
 
 def test_loss_of_one_expert_is_the_weighted_info_nce() -> None:
-    experts = {"mix": [0, 1, 2, 3]}
+    experts = ["mix"]
     weights = {"audio_image": 0.0, "text_text": 3.0}  # the others default to 1
     model = BindModule(
         "src",
@@ -240,7 +245,7 @@ def test_binding_beats_the_untrained_projector(small_world: Path, compose_cfg) -
     hp = dict(trained.hparams)
     needs = [("clap", m) for m in hp["dims"]] + [("eva_clip_18b", m) for m in hp["anchor_dims"]]
     dm = EmbeddingDataModule(
-        small_world, small_world / "tuples" / "oracle.npz", needs, {}, hp["val_pairs"]
+        small_world, small_world / "tuples" / "oracle.npz", needs, {}, trained.val_pairs
     )
     L.seed_everything(0)
     before, after = _validate(BindModule(**hp), dm), _validate(trained, dm)

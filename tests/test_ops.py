@@ -476,7 +476,7 @@ model = BindModule.load_from_checkpoint(checkpoint, map_location="cpu")
 hp = model.hparams
 needs = [(hp.space, m) for m in hp.dims] + [(hp.anchor, m) for m in hp.anchor_dims]
 # 300 pairs in batches of 64: 5 batches, so 2 ranks get 3 each, one of them a padding repeat.
-dm = EmbeddingDataModule(world, world + "/tuples/oracle.npz", needs, {{}}, hp.val_pairs,
+dm = EmbeddingDataModule(world, world + "/tuples/oracle.npz", needs, {{}}, model.val_pairs,
                          val_batch_size=64)
 trainer = make_trainer(cfg, 1, [], logger=False)
 metrics = trainer.validate(model, dm, verbose=False)[0]

@@ -29,14 +29,31 @@ SMALL_VARIANT = (
 )
 
 
-def test_router_shapes_and_sigmoid_range() -> None:
+def test_router_shapes_and_layout() -> None:
     router = Router(48, 5)
     out = router(torch.randn(16, 48))
-    assert out.shape == (16, 5)
-    assert ((out > 0) & (out < 1)).all()
+    assert out.shape == (16, 5)  # logits: OmniModel applies the sigmoid
     assert [type(router.router[i]).__name__ for i in (0, 1, 3, 4, 6)] == [
         "Linear", "BatchNorm1d", "Linear", "BatchNorm1d", "Linear",
     ]  # fmt: skip
+
+
+def _meta(groups: dict, dim: int = 24, kind: str = "routed") -> dict:
+    spaces = {
+        g: dict(dims={m: 12 for m in groups}, out_dim=dim, hidden_dim=16, experts=["mix"],
+                renormalize=False)
+        for gs in groups.values() for g in gs
+    }  # fmt: skip
+    return dict(
+        kind=kind,
+        anchor="anchor",
+        groups=groups,
+        predictors={m: ["pred"] for m in groups},
+        predictor_dims={m: 12 for m in groups},
+        scales={m: 1.0 for m in groups} | {"text": 10.0},
+        specialty={"a": "audio", "b": "image", "c": "point", "d": "image"},
+        spaces=spaces,
+    )
 
 
 def _route_batch(groups: dict, n: int = 32, dim: int = 24) -> dict:
@@ -46,20 +63,48 @@ def _route_batch(groups: dict, n: int = 32, dim: int = 24) -> dict:
     return {"emb": emb, "provenance": torch.randint(0, 3, (n,)), "start": torch.zeros(n)}
 
 
+GROUPS = {"audio": ["a", "b"], "image": ["b", "c", "d"], "text": ["a", "b", "c", "d"]}
+
+
 def test_route_weights_sum_to_one_and_embeddings_are_normalised() -> None:
-    groups = {"audio": ["a", "b"], "image": ["b", "c", "d"], "text": ["a", "b", "c", "d"]}
-    model = RouteModule(groups, {m: ["pred"] for m in groups}, {m: 12 for m in groups},
-                        {"a": "audio", "b": "image", "c": "point", "d": "image"}, "anchor",
-                        scales={"text": 10.0})  # fmt: skip
-    batch = _route_batch(groups)
-    for m, gs in groups.items():
-        emb, weights = model.omni(batch["emb"], m)
-        assert weights.shape == (32, len(gs))
-        torch.testing.assert_close(weights.sum(1), torch.ones(32))
-        torch.testing.assert_close(emb.norm(dim=1), torch.ones(32))
+    model = RouteModule(_meta(GROUPS)).eval()
+    batch = _route_batch(GROUPS)
+    out = model(batch["emb"])
+    for m, gs in GROUPS.items():
+        assert out.weights[m].shape == (32, len(gs))
+        torch.testing.assert_close(out.weights[m].sum(1), torch.ones(32))
+        torch.testing.assert_close(out.embeddings[m].norm(dim=1), torch.ones(32))
     # Text uses softmax(10 * sigmoid): sharper than the others' softmax(sigmoid).
-    sig = model.sigmoid(batch["emb"], "text")
-    torch.testing.assert_close(model.omni(batch["emb"], "text")[1], torch.softmax(10 * sig, -1))
+    sig = torch.sigmoid(out.logits["text"])
+    torch.testing.assert_close(out.weights["text"], torch.softmax(10 * sig, -1))
+    torch.testing.assert_close(
+        out.weights["audio"], torch.softmax(torch.sigmoid(out.logits["audio"]), -1)
+    )
+
+
+def test_precomputed_projections_equal_projecting_in_forward() -> None:
+    """The route stage's cached projections and OmniModel's own projectors give one result."""
+    torch.manual_seed(0)
+    model = OmniModel(_meta(GROUPS)).eval()
+    raw = {g: {m: torch.randn(8, 12) for m in GROUPS} for g in "abcd"} | {
+        "pred": {m: torch.randn(8, 12) for m in GROUPS}
+    }
+    with torch.no_grad():
+        direct = model(raw)
+        projected = {m: torch.stack([model.projectors[g](raw[g][m]) for g in gs], 1)
+                     for m, gs in GROUPS.items()}  # fmt: skip
+        cached = model({"pred": raw["pred"]}, projected=projected)
+    for m in GROUPS:
+        assert torch.equal(direct[m], cached[m])
+
+
+def test_projectors_stay_frozen_in_train_mode() -> None:
+    model = RouteModule(_meta(GROUPS)).train()
+    assert not any(p.requires_grad for p in model.model.projectors.parameters())
+    assert not any(m.training for m in model.model.projectors.modules())
+    assert all(p.requires_grad for p in model.model.routers.parameters())
+    params = {id(p) for g in model.configure_optimizers().param_groups for p in g["params"]}
+    assert params == {id(p) for p in model.model.routers.parameters()}
 
 
 def test_fixed_weights_do_not_depend_on_the_input() -> None:
@@ -68,7 +113,7 @@ def test_fixed_weights_do_not_depend_on_the_input() -> None:
         fixed.theta.copy_(torch.tensor([0.5, -1.0, 2.0]))
     a, b = fixed(torch.randn(4, 12)), fixed(torch.randn(4, 12))
     torch.testing.assert_close(a, b)
-    torch.testing.assert_close(a[0], torch.sigmoid(torch.tensor([0.5, -1.0, 2.0])))
+    torch.testing.assert_close(a[0], torch.tensor([0.5, -1.0, 2.0]))
 
 
 def test_decoupling_loss_matches_the_formula() -> None:
@@ -80,9 +125,11 @@ def test_decoupling_loss_matches_the_formula() -> None:
     )
     assert PROVENANCES == ("point", "audio", "image")
     torch.testing.assert_close(labels, expected)
-    p = torch.rand(4, 4) * 0.98 + 0.01
-    direct = -(labels * p.log() + (1 - labels) * (1 - p).log()).mean()
-    torch.testing.assert_close(decoupling_loss(p, labels), direct)
+    logits = torch.randn(4, 4) * 3  # the router's pre-sigmoid outputs
+    p = torch.sigmoid(logits)
+    # Eq. 6: summed over the groups, averaged over the batch
+    direct = -(labels * p.log() + (1 - labels) * (1 - p).log()).sum(1).mean()
+    torch.testing.assert_close(decoupling_loss(logits, labels), direct)
 
 
 def test_alignment_loss_is_the_mean_over_all_pairs() -> None:

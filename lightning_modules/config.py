@@ -1,0 +1,68 @@
+"""Config helpers every stage shares: space configs, the data root, tuple tables."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+import hydra
+from hydra.core.global_hydra import GlobalHydra
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from datamodules.world import ensure_world
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+
+
+def space_configs(names: Iterable[str]) -> dict[str, DictConfig]:
+    """The `conf/space/<name>.yaml` of each name, composed by Hydra."""
+    available = sorted(p.stem for p in (CONF_DIR / "space").glob("*.yaml"))
+    out = {}
+    for name in names:
+        if name not in available:
+            raise ValueError(f"unknown space {name!r}; conf/space has {available}")
+        if GlobalHydra.instance().is_initialized():
+            out[name] = hydra.compose(config_name=f"space/{name}").space
+        else:
+            with hydra.initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+                out[name] = hydra.compose(config_name=f"space/{name}").space
+    return out
+
+
+def ensure_data(cfg: DictConfig, names: Iterable[str]) -> Path:
+    """The cache root for these spaces; the synthetic world writes missing caches first."""
+    spaces = space_configs(dict.fromkeys(names))
+    if cfg.data.kind == "synthetic":
+        return ensure_world(cfg.data, spaces)
+    root = Path(cfg.data.root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"data.root {root} does not exist; run stage=extract first")
+    return root
+
+
+def pairs_source(cfg: DictConfig, which: str) -> str:
+    """`auto` is the world's ground-truth tuples on synthetic data and the pair table otherwise."""
+    if which == "auto":
+        return "oracle" if cfg.data.kind == "synthetic" else "pseudo"
+    return str(which)
+
+
+def tuples_path(cfg: DictConfig, which: str, root: Path) -> Path:
+    """The tuple table that bind or route trains on: auto, oracle, pseudo, or a .npz path."""
+    which = pairs_source(cfg, which)
+    if which == "oracle":
+        if cfg.data.kind != "synthetic":
+            raise ValueError(
+                "pairs=oracle needs the synthetic world (data=world); real data has no oracle"
+            )
+        return root / "tuples" / "oracle.npz"
+    if which == "pseudo":
+        return Path(cfg.pair.output)
+    return Path(which)
+
+
+def to_plain(cfg):
+    """A resolved plain value of a config node: dicts, lists and scalars (for hparams, hashes)."""
+    if isinstance(cfg, DictConfig | ListConfig):
+        return OmegaConf.to_container(cfg, resolve=True)
+    return cfg
