@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from datamodules.cache import CacheError, atomic_write
+from datamodules.artifacts import CacheError, atomic_write
 from encoders.modalities import MODALITIES, PROVENANCES
 
 REQUIRED = ("start", "provenance")
