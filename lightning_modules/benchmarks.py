@@ -253,6 +253,25 @@ def load_benchmarks(
     return Benchmarks(path, str(spec.get("name", path.stem)), root, retrieval, zeroshot)
 
 
+def prompt_sets(benchmarks: Benchmarks) -> dict[str, tuple[list[str], np.ndarray]]:
+    """{prompt dataset: (texts, label (n,) int64)} that the extract stage embeds for each space.
+
+    Only entries naming `classes` appear; write each as the text cache of that dataset with the
+    `label` extra, and `prompts=texts` in its manifest (CacheWriter.close) so that evaluate can
+    tell a stale prompt cache from a current one.
+    """
+    out: dict[str, tuple[list[str], np.ndarray]] = {}
+    for bench in benchmarks.zeroshot:
+        if bench.classes is None or bench.templates is None:
+            continue
+        texts, label, _ = zeroshot_prompts(bench.classes, bench.templates)
+        if bench.prompts in out and out[bench.prompts][0] != texts:
+            raise ValueError(f"{benchmarks.path}: zero-shot entries share the prompt dataset "
+                             f"{bench.prompts!r} with different classes or templates")  # fmt: skip
+        out[bench.prompts] = (texts, label)
+    return out
+
+
 def manifest_path(which: str, root: Path) -> Path:
     """`evaluate.benchmarks`: val or test (the world's manifests under the data root) or a path."""
     if str(which) in ("val", "test"):

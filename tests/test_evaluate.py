@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 
 from datamodules.cache import CacheError, CacheWriter, EmbeddingCache, cache_dir
-from lightning_modules.benchmarks import load_benchmarks, zeroshot_prompts
+from lightning_modules.benchmarks import load_benchmarks, prompt_sets, zeroshot_prompts
 from lightning_modules.bind import BindModule, export_bound_space, load_bound_space
 from lightning_modules.common import space_configs
 from lightning_modules.methods import make_method
@@ -342,6 +342,20 @@ def test_stale_prompt_cache_is_refused(handmade: Path, compose_cfg) -> None:
     spec = dict(zeroshot=[entry])
     with pytest.raises(CacheError, match=r"not the manifest's 4 classes x 2 templates.*extract"):
         _score(handmade, compose_cfg, spec)
+    # Same labels, other texts (templates edited since extraction): the recorded prompts differ.
+    spec["zeroshot"][0]["classes"] = ["dog", "rain", "bell"]
+    assert _score(handmade, compose_cfg, spec)["zeroshot"]  # no texts recorded: labels suffice
+    writer = CacheWriter(cache_dir(handmade, "zs", "clap", "text"), space="clap", modality="text",
+                         dim=DIM, dtype="float32", overwrite=True)  # fmt: skip
+    writer.append(np.ones((6, DIM), np.float32), np.arange(6), label=np.repeat(np.arange(3), 2))
+    writer.close(prompts=["a dog.", "an old dog.", "a rain.", "an old rain.", "a bell.", "x"])
+    with pytest.raises(CacheError, match=r"not the manifest's 3 classes x 2 templates"):
+        _score(handmade, compose_cfg, spec)
+    writer = CacheWriter(cache_dir(handmade, "zs", "clap", "text"), space="clap", modality="text",
+                         dim=DIM, dtype="float32", overwrite=True)  # fmt: skip
+    writer.append(np.ones((6, DIM), np.float32), np.arange(6), label=np.repeat(np.arange(3), 2))
+    writer.close(prompts=prompt_sets(load_benchmarks(_manifest(handmade, spec)))["zs"][0])
+    assert _score(handmade, compose_cfg, spec)["zeroshot"]["audio/zs/top5"] == 1.0
 
 
 def test_caption_mapping_that_does_not_match(handmade: Path, compose_cfg) -> None:
@@ -420,6 +434,16 @@ def test_real_zeroshot_for_raw_bound_and_omni(tmp_path: Path, compose_cfg) -> No
         load_benchmarks(path)
     bench = load_benchmarks(path, OmegaConf.to_container(cfg.evaluate.templates))
     assert bench.zeroshot[0].prompts == "esc_prompts" and bench.zeroshot[0].templates == templates
+    # What extract embeds: class-major texts with the class index.
+    texts, label = prompt_sets(bench)["esc_prompts"]
+    assert texts[: len(templates) + 1] == [t.format("dog") for t in templates] + [
+        templates[0].format("rain")
+    ]
+    assert label.tolist() == np.repeat([0, 1, 2], len(templates)).tolist()
+    other = dict(ESC, name="esc2", prompts="esc_prompts", classes=["cat"])
+    with pytest.raises(ValueError, match="share the prompt dataset 'esc_prompts'"):
+        prompt_sets(load_benchmarks(_manifest(tmp_path, dict(zeroshot=[ESC, other])), {
+            "audio": templates}))  # fmt: skip
     _tiny_omni(cfg)
     dirs = (cfg.evaluate.bound_dir, cfg.evaluate.omni_dir)
     for spec in ("raw:clap", "bound:clap", "omni:tiny"):
