@@ -6,6 +6,7 @@ There is one helper for each concern:
 - `sha256_file`: the digest that manifests and export metadata record.
 - `fingerprint(obj)`: a short hash of a JSON-able configuration.
 - `verify_file` / `verify_files`: check files against their recorded sha256.
+- `file_sha256`: a file's sha256 for freshness checks, hashed once per change of the file.
 
 Verification hashes each file at most once per process (a memo) and, across processes, once
 per change of the file: a stamp file `.verified.json` in the file's directory records
@@ -99,6 +100,55 @@ def _read_stamp(directory: Path) -> dict:
     return stamp if isinstance(stamp, dict) else {}
 
 
+def _remembered(path: Path, key: list[int], stamp: dict) -> str | None:
+    """The digest this process or a stamp holds for `path` in its current state, if any."""
+    known = _memo.get(str(path))
+    if known and known[0] == key:
+        return known[1]
+    entry = stamp.get(path.name)
+    if isinstance(entry, dict) and entry.get("key") == key and isinstance(entry.get("sha256"), str):
+        return entry["sha256"]
+    return None
+
+
+def _hash(path: Path, key: list[int], stamp: dict) -> tuple[str, bool]:
+    """Hash `path`; remember the digest (memo and `stamp`) when that is safe. -> (hex, stamped)."""
+    started = time.time_ns()
+    got = sha256_file(path)
+    # Only if the file is old enough that a change would move its mtime, and it did not change
+    # while it was being hashed.
+    if started - key[1] > RACY_NS and _stat_key(path) == key:
+        _memo[str(path)] = (key, got)
+        stamp[path.name] = {"key": key, "sha256": got}
+        return got, True
+    return got, False
+
+
+def _write_stamp(directory: Path, stamp: dict) -> None:
+    try:
+        atomic_write_json(directory / STAMP, stamp)
+    except OSError:
+        pass  # a read-only directory: the memo still spares this process
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """A file's sha256, hashed once per change of the file (memo and stamp, as verify_files)."""
+    path = Path(path).absolute()
+    key = _stat_key(path)
+    known = _memo.get(str(path))
+    if known and known[0] == key:
+        return known[1]
+    stamp = _read_stamp(path.parent)
+    got = _remembered(path, key, stamp)
+    if got is not None:
+        _memo[str(path)] = (key, got)
+        return got
+    got, stamped = _hash(path, key, stamp)
+    if stamped:
+        _write_stamp(path.parent, stamp)
+    return got
+
+
 def verify_files(
     expected: Mapping[str | os.PathLike, str | None],
     recorded_in: str | os.PathLike = "its metadata",
@@ -124,32 +174,19 @@ def verify_files(
                 key = _stat_key(path)
             except FileNotFoundError as e:
                 raise CacheError(f"{path}: missing, although {recorded_in} lists it") from e
-            known = _memo.get(str(path))
-            entry = stamp.get(path.name)
-            if (known and known == (key, want)) or (
-                isinstance(entry, dict) and entry.get("key") == key and entry.get("sha256") == want
-            ):
+            if _remembered(path, key, stamp) == want:
                 _memo[str(path)] = (key, want)
                 continue
-            started = time.time_ns()
-            got = sha256_file(path)
+            got, stamped = _hash(path, key, stamp)  # a remembered other digest is re-checked too
             hashed += 1
+            changed |= stamped
             if got != want:
                 raise CorruptFileError(
                     f"{path}: sha256 does not match {recorded_in}: recorded {want}, the file has "
                     f"{got} (it is corrupt or was replaced); {repair}"
                 )
-            # Remember it only if the file is old enough that a change would move its mtime,
-            # and it did not change while it was being hashed.
-            if started - key[1] > RACY_NS and _stat_key(path) == key:
-                _memo[str(path)] = (key, got)
-                stamp[path.name] = {"key": key, "sha256": got}
-                changed = True
         if changed:
-            try:
-                atomic_write_json(directory / STAMP, stamp)
-            except OSError:
-                pass  # a read-only directory: the memo still spares this process
+            _write_stamp(directory, stamp)
     return hashed
 
 

@@ -38,7 +38,7 @@ from huggingface_hub import ModelCard, ModelHubMixin, hf_hub_download
 from safetensors import SafetensorError
 
 from datamodules import artifacts
-from datamodules.artifacts import atomic_write, atomic_write_json, sha256_file, verify_file
+from datamodules.artifacts import atomic_write, atomic_write_json, file_sha256, verify_file
 from datamodules.cache import CacheError, CacheWriter, EmbeddingCache, cache_dir
 from encoders.modalities import MODALITIES, check_modality, resolve_device
 from lightning_modules.omni import (
@@ -96,7 +96,7 @@ class OmniBind(
         """From an omni export directory (stage=route or stage=convert)."""
         bind = cls(OmniModel.load(directory), encoders, weighting, device)
         bind.directory = Path(directory)
-        bind.weights_sha256 = bind.model.meta.get("sha256") or sha256_file(
+        bind.weights_sha256 = bind.model.meta.get("sha256") or file_sha256(
             bind.directory / EXPORT_WEIGHTS
         )
         return bind

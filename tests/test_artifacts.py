@@ -15,6 +15,7 @@ from datamodules.artifacts import (
     CacheError,
     CorruptFileError,
     atomic_write_json,
+    file_sha256,
     fingerprint,
     forget_verified,
     sha256_file,
@@ -102,6 +103,23 @@ def test_recently_written_files_are_not_remembered(tmp_path: Path) -> None:
     assert verify_file(path, want) is None
     assert verify_files({path: want}) == 1  # hashed again
     assert not (tmp_path / STAMP).exists()
+
+
+def test_file_sha256_hashes_once_per_change(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    hashed, real = [], artifacts.sha256_file
+    monkeypatch.setattr(artifacts, "sha256_file", lambda p: hashed.append(p) or real(p))
+    path = _old_file(tmp_path / "t.npz", b"table")
+    want = hashlib.sha256(b"table").hexdigest()
+    assert file_sha256(path) == want and file_sha256(path) == want
+    forget_verified()
+    assert file_sha256(path) == want and len(hashed) == 1  # the stamp, in "another process"
+    verify_file(path, want)  # shares the memo and stamp
+    path.write_bytes(b"tablE")
+    assert file_sha256(path) == hashlib.sha256(b"tablE").hexdigest() and len(hashed) == 2
+    with pytest.raises(CorruptFileError):
+        verify_file(path, want)
 
 
 def test_unreadable_stamp_is_ignored(tmp_path: Path) -> None:
