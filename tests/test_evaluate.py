@@ -51,9 +51,14 @@ def _zeroshot_top1(root: Path, dataset: str, space: str, modality: str) -> float
 # ---------------------------------------------------------------------------- the world
 
 
-def test_stage_on_world(small_world: Path, compose_cfg) -> None:
+def test_stage_on_world(small_world: Path, compose_cfg, capsys) -> None:
     cfg = compose_cfg("stage=evaluate", "evaluate.methods=[raw:clap,'expert3d=raw:uni3d']")
     returned = train(cfg)
+    # The console gets the compact summary (<= 100 columns) and where the full tables are.
+    console = capsys.readouterr().out
+    summary = console[console.index("evaluate: world-test (%)") :].splitlines()
+    assert summary[2].split()[:2] == ["raw:clap", "2"] and summary[3].startswith("expert3d")
+    assert max(map(len, summary)) <= 100 and "results.md" in summary[4]
     out = Path(cfg.evaluate.output_dir)
     results = json.loads((out / "results.json").read_text())
     assert list(results["methods"]) == ["raw:clap", "expert3d"]  # a spec or a given name
