@@ -8,10 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from datamodules.cache import CacheError, EmbeddingCache, cache_dir, sha256_file
 from datamodules.tuples import load_tuples
-from datamodules.world import ensure_world
+from datamodules.world import V2_KEYS, World, ensure_world, fingerprint
 from encoders.modalities import MODALITIES, PAIRS, PROVENANCES
 from lightning_modules.common import space_configs
 from lightning_modules.metrics import recall_at_k
@@ -206,3 +207,133 @@ def test_image_view_matters(small_world: Path) -> None:
     correct, images = _centroid_accuracy(small_world, "uni3d", "text", "image")
     view = images.extra("view")
     assert correct[view == 1].mean() > correct[view == 0].mean() + 0.3
+
+
+# ---------------------------------------------------------------- the realistic world (v2)
+
+V2_SPACES = ("clap", "imagebind", "uni3d", "eva02_e")
+
+
+@pytest.fixture(scope="module")
+def v2_world(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, object]:
+    """A small data=world_v2 world of its own: (root, data config)."""
+    from conftest import SMALL_WORLD, compose_config
+
+    out = tmp_path_factory.mktemp("v2")
+    cfg = compose_config([*SMALL_WORLD, "data=world_v2", f"paths.output_dir={out}"])
+    return ensure_world(cfg.data, space_configs(V2_SPACES)), cfg.data
+
+
+def test_v1_fingerprints_ignore_unset_v2_keys(world_cfg) -> None:
+    # data=world's caches keep the fingerprints (and bytes) they had before v2 existed.
+    data = OmegaConf.to_container(world_cfg.data, resolve=True)
+    assert all(data[k] in (None, False) for k in V2_KEYS)
+    v1 = {k: v for k, v in data.items() if k not in V2_KEYS}
+    assert fingerprint(data) == fingerprint(v1)
+    assert fingerprint({**data, "hierarchy": {"coarse": 5, "r": 0.5}}) != fingerprint(v1)
+
+
+def test_v2_coarse_labels(v2_world) -> None:
+    root, data = v2_world
+    n_coarse = data.hierarchy.coarse
+    for dataset, m in (("pool", "text"), ("pool", "audio"), ("test_image_text", "image")):
+        cache = _any(root, dataset, m)
+        labels, coarse = cache.extra("labels"), cache.extra("coarse")
+        # Each split cycles through the categories: concept k of a split is category k % n_coarse.
+        first = {"pool": 0, "test_image_text": data.n_concepts + data.n_val_concepts}[dataset]
+        np.testing.assert_array_equal(coarse, (labels - first) % n_coarse)
+
+
+def test_v2_wrong_top1_is_usually_a_neighbour(v2_world) -> None:
+    root, data = v2_world
+    for space in ("eva02_e", "imagebind"):
+        q = _cache(root, "test_image_text", space, "text")
+        g = _cache(root, "test_image_text", space, "image")
+        top = (q.load().astype(np.float32) @ g.load().astype(np.float32).T).argmax(1)
+        coarse = g.extra("coarse")
+        wrong = top != np.arange(len(top))
+        same = (coarse[top] == q.extra("coarse"))[wrong].mean()
+        # Chance of a same-category gallery row is ~1/50 (here 1/n_coarse = 0.02).
+        assert wrong.sum() > 20 and same > 0.3, (space, int(wrong.sum()), same)
+
+
+@pytest.mark.parametrize("sharing", [0.0, 0.5])
+def test_v2_aspects_derive_from_the_common_code(world_cfg, sharing: float) -> None:
+    data = OmegaConf.merge(world_cfg.data, {"aspect_sharing": sharing})
+    z = World(data, {}).latents(np.arange(data.n_concepts))
+    common, sound = z[:, :16], z[:, 16:32]
+    # Share of the sound block's variance that a linear map of the common block explains.
+    coef, *_ = np.linalg.lstsq(common, sound, rcond=None)
+    explained = 1 - ((sound - common @ coef) ** 2).sum() / (sound**2).sum()
+    assert abs(explained - sharing) < 0.15, (sharing, explained)  # 200 draws of a 16x16 map
+
+
+def test_v2_pools_are_long_tailed_and_differ_by_modality(v2_world) -> None:
+    root, data = v2_world
+    labels = {m: _any(root, "pool", m).extra("labels") for m in MODALITIES}
+    for m in MODALITIES:
+        covered = len(np.unique(labels[m]))
+        assert covered <= round(data.pool_coverage[m].share * data.n_concepts), m
+    assert len(np.unique(labels["audio"])) < 0.6 * len(np.unique(labels["image"]))
+    top = {m: np.bincount(labels[m]).max() / len(labels[m]) for m in MODALITIES}
+    assert top["audio"] > 3 * top["image"], top  # Zipf 1 vs a balanced ImageNet-like pool
+    multi = _any(root, "pool", "audio").extra("multilabels")
+    np.testing.assert_array_equal(multi[:, 0], labels["audio"])
+    n = (multi >= 0).sum(1)
+    assert 1.4 < n.mean() < 2.1 and (n == 3).any(), n.mean()
+    text = _any(root, "pool", "text")
+    prov = np.bincount(text.extra("provenance"), minlength=3) / text.count
+    assert prov[PROVENANCES.index("image")] > 0.6 and prov[PROVENANCES.index("audio")] < 0.1
+    assert 0.1 < text.extra("vague").mean() < 0.3
+    # Oracle tuples: every modality of a tuple from one concept, which all four pools cover.
+    table, _ = load_tuples(root / "tuples" / "oracle.npz")
+    concepts = [labels[m][table[m]] for m in MODALITIES]
+    assert all(np.array_equal(concepts[0], c) for c in concepts[1:])
+
+
+def test_v2_uni3d_image_and_text_are_eva02_e(v2_world) -> None:
+    root, _ = v2_world
+    for dataset, m in (("pool", "image"), ("pool", "text"), ("test_image_text", "text")):
+        ours, theirs = _cache(root, dataset, "uni3d", m), _cache(root, dataset, "eva02_e", m)
+        np.testing.assert_array_equal(ours.load(), theirs.load())
+    # Its points are its own, in EVA02-E's space: they retrieve EVA02-E's texts of the same item.
+    assert _r1(root, "test_point_text", "uni3d", "point", "text") > 0.1  # chance: 1/500
+    assert not np.array_equal(
+        _cache(root, "pool", "uni3d", "point").load()[:5],
+        _cache(root, "pool", "uni3d", "text").load()[:5],
+    )
+
+
+def test_v2_same_seed_writes_same_bytes(v2_world, compose_cfg) -> None:
+    root, _ = v2_world
+    cfg = compose_cfg("data=world_v2", shared_data=False)
+    names = ("uni3d",)  # with its tower's (eva02_e's) draws
+    again = ensure_world(cfg.data, space_configs(names))
+    ours, theirs = _digests(again, names), _digests(root, names)
+    assert len(ours) > 50 and ours == theirs
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("data.hierarchy={coarse:5,r:1.5}", r"data.hierarchy=.*expected coarse >= 1 and 0 <= r"),
+        ("data.hierarchy=null", "data.vague_captions needs data.hierarchy"),
+        ("data.pool_coverage.audio.share=0", r"data.pool_coverage.audio=.*expected 0 < share"),
+        ("data.aspect_sharing=2", r"data.aspect_sharing=2.*expected a value in \[0, 1\]"),
+    ],
+)
+def test_v2_bad_settings_are_refused(compose_cfg, override: str, message: str) -> None:
+    cfg = compose_cfg(*TINY, "data=world_v2", override, shared_data=False)
+    with pytest.raises(ValueError, match=message):
+        ensure_world(cfg.data, space_configs(["clap"]))
+
+
+def test_v2_tower_must_exist(compose_cfg) -> None:
+    cfg = compose_cfg(*TINY, "data=world_v2", shared_data=False)
+    space = OmegaConf.to_container(space_configs(["uni3d"])["uni3d"])
+    space["world"]["v2"]["tower"] = "nosuch"
+    with pytest.raises(ValueError, match="space 'mine': world.v2.tower='nosuch' names no space"):
+        ensure_world(cfg.data, {"mine": space})
+    space["world"].pop("v2")
+    with pytest.raises(ValueError, match=r"space 'mine': data.calibrated=true needs a `world.v2`"):
+        ensure_world(cfg.data, {"mine": space})
