@@ -29,6 +29,7 @@ from lightning_modules.benchmarks import (
 from lightning_modules.methods import Method, open_cache
 from lightning_modules.metrics import MeanAveragePrecision, RetrievalRecall, ZeroShotAccuracy
 
+ITEMS_JSON = "items.json"  # the extract stage's item list beside a cache (keys, classes)
 TIES = (
     "Ties: among equal scores the lower gallery row (retrieval) or class index (zero-shot) "
     "ranks first; AP treats equal scores as one threshold."
@@ -164,9 +165,30 @@ def prompt_labels(rows: Rows, bench: ZeroShot) -> tuple[np.ndarray, int]:
     return labels, n_classes
 
 
+def _in_manifest_order(labels: np.ndarray, cache: EmbeddingCache, bench: ZeroShot) -> np.ndarray:
+    """Labels re-indexed into the manifest's `classes` when the extract stage recorded the item
+    list's own class names (items.json `classes`: label i is its i-th name, sorted)."""
+    listing = cache.directory / ITEMS_JSON
+    names = json.loads(listing.read_text()).get("classes") if listing.is_file() else None
+    if not bench.classes or not names or names == bench.classes:
+        return labels
+    unknown = sorted(set(names) - set(bench.classes))
+    if unknown:
+        raise CacheError(f"benchmark {bench.name!r}: {listing} names classes {unknown[:10]} that "
+                         "the manifest's `classes` lacks")  # fmt: skip
+    index = np.array([bench.classes.index(n) for n in names], np.int64)
+    if labels.ndim == 2 and labels.shape[1] == len(names):  # multi-hot: move the columns
+        out = np.zeros((len(labels), len(bench.classes)), labels.dtype)
+        out[:, index] = labels
+        return out
+    if labels.ndim == 1 and ((labels >= 0) & (labels < len(names))).all():
+        return index[labels]
+    return labels  # malformed: the checks below name the problem
+
+
 def _item_labels(rows: Rows, bench: ZeroShot, n_classes: int) -> np.ndarray:
     cache = rows.cache(bench.dataset, bench.modality)
-    labels = cache.extra(bench.labels)
+    labels = _in_manifest_order(cache.extra(bench.labels), cache, bench)
     where = f"benchmark {bench.name!r}: {cache.directory} `{bench.labels}`"
     if bench.multilabel:
         if labels.ndim != 2 or labels.shape[1] != n_classes:

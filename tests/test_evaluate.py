@@ -340,6 +340,27 @@ def test_prompts_must_cover_every_class(handmade: Path, compose_cfg) -> None:
         _score(handmade, compose_cfg, spec)
 
 
+def test_item_labels_follow_the_manifest_class_order(handmade: Path, compose_cfg) -> None:
+    # Extract indexes string labels by their sorted names and records them in items.json;
+    # the manifest lists dog, rain, bell: the same items must score the same.
+    before = _score(handmade, compose_cfg, SPEC)["zeroshot"]
+    labels = np.arange(30) % 3  # in manifest order, as the fixture wrote them
+    names = sorted(SPEC["zeroshot"][0]["classes"])  # bell, dog, rain
+    sorted_labels = np.array([names.index(SPEC["zeroshot"][0]["classes"][c]) for c in labels])
+    audio = EmbeddingCache(cache_dir(handmade, "zs", "clap", "audio")).load()
+    _write(handmade, "zs_sorted", "audio", audio, labels=sorted_labels)
+    listing = cache_dir(handmade, "zs_sorted", "clap", "audio") / "items.json"
+    listing.write_text(json.dumps({"keys": [], "classes": names}))
+    spec = dict(zeroshot=[dict(SPEC["zeroshot"][0], name="zs2", dataset="zs_sorted")])
+    after = _score(handmade, compose_cfg, spec)["zeroshot"]
+    assert after["audio/zs2/top1"] == before["audio/zs/top1"]
+    listing.unlink()  # without the names, the sorted indices are read as manifest indices
+    assert _score(handmade, compose_cfg, spec)["zeroshot"]["audio/zs2/top1"] < 0.5
+    listing.write_text(json.dumps({"keys": [], "classes": [*names[:2], "cat"]}))
+    with pytest.raises(CacheError, match=r"items.json names classes \['cat'\]"):
+        _score(handmade, compose_cfg, spec)
+
+
 def test_stale_prompt_cache_is_refused(handmade: Path, compose_cfg) -> None:
     # The cache holds 3 classes x 2 templates; the manifest now names a fourth class.
     entry = dict(name="zs", dataset="zs", modality="audio", prompts="zs",
