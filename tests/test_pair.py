@@ -10,15 +10,20 @@ import pytest
 from test_search import _brute, _gauss
 
 from datamodules.cache import CacheError, CacheWriter, EmbeddingCache, cache_dir
-from datamodules.tuples import load_tuples
-from encoders.modalities import MODALITIES
+from datamodules.tuples import load_tuples, save_tuples, weights_of
+from encoders.modalities import MODALITIES, PROVENANCES
 from lightning_modules.pair import (
     SUMMARY,
+    Clean,
+    Hop,
+    apply_cells,
     build_tuples,
     check_route_spaces,
     dedupe,
     parse_routes,
     plan_paths,
+    reuse_keep,
+    soft_conf,
     summarize,
 )
 from train import train
@@ -191,12 +196,16 @@ def test_stage_names_a_pair_without_route(compose_cfg, small_world: Path) -> Non
         train(compose_cfg(*PAIR, "pair.routes.point_text=clap"))
 
 
-def _files_world(root: Path, sizes: dict[str, int], odd_ids: bool = False) -> None:
-    """Pools of the PAIR routes' spaces as an extract stage would write them (no world)."""
+def _files_world(
+    root: Path, sizes: dict[str, int], odd_ids: bool = False, without: tuple = ()
+) -> None:
+    """Pools of the PAIR routes' spaces (less `without`) as an extract stage writes them."""
     dims = {"clap": 512, "imagebind": 1024, "uni3d": 1024, "eva_clip_18b": 1536}
     spaces = {"clap": ("audio", "text"), "imagebind": ("audio", "image"),
               "uni3d": ("point", "image", "text"), "eva_clip_18b": ("image", "text")}  # fmt: skip
     for space, modalities in spaces.items():
+        if space in without:
+            continue
         for m in modalities:
             n = sizes[m]
             writer = CacheWriter(cache_dir(root, "pool", space, m), space=space, modality=m,
@@ -226,3 +235,262 @@ def test_stage_on_extracted_pools_and_its_errors(compose_cfg, tmp_path: Path) ->
     _files_world(tmp_path / "empty", {**sizes, "point": 0})
     with pytest.raises(CacheError, match=r"uni3d/point: the point pool is empty"):
         train(compose_cfg(*PAIR, "data.kind=files", f"data.root={tmp_path / 'empty'}"))
+
+
+# ---------------------------------------------------------------------------- any subset
+
+
+def test_stage_pairs_a_subset_of_modalities(compose_cfg, small_world: Path) -> None:
+    # No 3D: the point routes are gone, so point is neither a start nor a column.
+    cfg = compose_cfg(*PAIR, "~pair.routes.point_image", "~pair.routes.point_text")
+    train(cfg)
+    table, meta = load_tuples(cfg.pair.output)
+    assert meta["modalities"] == ["audio", "image", "text"] and "point" not in table
+    assert len(table["start"]) == 3 * 2000 and (table["start"] != 0).all()
+    audio = table["start"] == MODALITIES.index("audio")
+    np.testing.assert_array_equal(  # still the exact top-1 in the route's space
+        table["image"][audio],
+        _brute(_pool(small_world, "imagebind", "audio").load(),
+               _pool(small_world, "imagebind", "image").load(), 1)[1][:, 0],
+    )  # fmt: skip
+    # Image and text alone: only the anchor's route is searched.
+    cfg = compose_cfg(*PAIR, "pair.modalities=[image,text]")
+    train(cfg)
+    table, meta = load_tuples(cfg.pair.output)
+    summary = json.loads((Path(cfg.pair.output).parent / SUMMARY).read_text())
+    assert sorted(table) == ["image", "provenance", "start", "text"]
+    assert meta["routes"] == {"image_text": "eva_clip_18b"} and summary["tuples"] == 4000
+    assert [r["space"] for r in summary["search"]] == ["eva_clip_18b", "eva_clip_18b"]
+
+
+def test_stage_auto_leaves_out_routes_without_pools(compose_cfg, tmp_path: Path) -> None:
+    # A CLAP-to-CLIP user: no uni3d pools, the default routes and starts unchanged.
+    root = tmp_path / "extracted"
+    _files_world(root, dict(point=9, audio=10, image=11, text=12), without=("uni3d",))
+    cfg = compose_cfg(*PAIR, "data.kind=files", f"data.root={root}", "pair.min_tuples=1")
+    train(cfg)
+    table, meta = load_tuples(cfg.pair.output)
+    summary = json.loads((Path(cfg.pair.output).parent / SUMMARY).read_text())
+    assert meta["modalities"] == ["audio", "image", "text"] and "point" not in table
+    assert set(summary["routes_skipped"]) == {"point_image", "point_text"}
+    assert summary["counts"] == {"point": 0, "audio": 10, "image": 11, "text": 12}
+    # An explicit list is a promise: a missing pool is an error, not a silent skip.
+    with pytest.raises(CacheError, match="uni3d/point"):
+        train(compose_cfg(*PAIR, "data.kind=files", f"data.root={root}",
+                          "pair.modalities=[point,image]"))  # fmt: skip
+
+
+# ---------------------------------------------------------------------------- cleaning units
+
+
+def test_clean_config_names_wrong_keys_and_values() -> None:
+    assert Clean.from_config(None) == Clean() and not Clean().cross
+    with pytest.raises(ValueError, match=r"pair.clean has unknown keys \['mutal'\]"):
+        Clean.from_config({"mutal": True})
+    with pytest.raises(ValueError, match=r"pair.clean.csls=-1; expected an integer >= 0"):
+        Clean.from_config({"csls": -1})
+    with pytest.raises(ValueError, match=r"pair.clean.mutual='yes'; expected true or false"):
+        Clean.from_config({"mutual": "yes"})
+    with pytest.raises(ValueError, match=r"provenance_targets.video: unknown provenance"):
+        Clean.from_config({"provenance_targets": {"video": ["image"]}})
+    assert Clean.from_config({"cross_threshold": 0.5}).cross
+
+
+def _hop(item, score, query=None) -> Hop:
+    item = np.asarray(item)
+    query = np.arange(len(item)) if query is None else np.asarray(query)
+    return Hop(("audio", "image"), slice(0, len(item)), query, item, np.asarray(score, np.float32))
+
+
+def test_reuse_keeps_the_best_scored_hops_of_each_item() -> None:
+    hop = _hop([5, 5, 5, 2, 5, 2], [0.1, 0.9, 0.5, 0.3, 0.9, 0.3])
+    alive = np.array([True, True, True, True, True, True])
+    # Item 5: rows 1 and 4 tie at 0.9 -> the cap of 1 keeps the lower row; item 2 likewise.
+    np.testing.assert_array_equal(reuse_keep(hop, alive, 1), [0, 1, 0, 1, 0, 0])
+    np.testing.assert_array_equal(reuse_keep(hop, alive, 2), [0, 1, 0, 1, 1, 1])
+    # Dropped hops do not use up the cap.
+    alive[1] = False
+    np.testing.assert_array_equal(reuse_keep(hop, alive, 1), [0, 0, 0, 1, 1, 0])
+
+
+def test_soft_conf_is_a_softmax_over_each_start_items_ranks() -> None:
+    scores = np.array([[0.9, 0.9], [0.8, 0.2]], np.float32)
+    nearest = {("audio", "image"): (scores, np.array([[0, 1], [1, 0]]))}
+    hop = _hop([0, 1, 1, 0], [0.9, 0.9, 0.8, 0.2], query=[0, 0, 1, 1])
+    conf = soft_conf(hop, nearest, k=2, temperature=0.1)
+    np.testing.assert_allclose(conf[:2], [0.5, 0.5])
+    np.testing.assert_allclose(conf[2:], [1 / (1 + np.exp(-6)), 1 / (1 + np.exp(6))], rtol=1e-5)
+
+
+def test_a_dropped_hop_drops_the_items_chained_through_it() -> None:
+    sizes = {"point": 3, "audio": 4, "image": 3, "text": 3}
+    plan = plan_paths(["audio"], ROUTES, {"audio_point": ["image"]})
+    rows = {(x, y): np.arange(sizes[x])[:, None] % sizes[y] for x in sizes for y in sizes}
+    nearest = {d: (np.ones(r.shape, np.float32), r) for d, r in rows.items()}
+    table, hops, cells = build_tuples(plan, nearest, sizes)
+    keep = {p: np.ones(4, bool) for p in hops}
+    keep[("audio", "image")][1] = False  # audio 1's image is distrusted ...
+    keep[("audio", "image", "point")][2] = False  # ... and audio 2's image's point
+    out = apply_cells(table, cells, keep, {("audio", "text"): np.array([1, 1, 1, 0], bool)}, hops)
+    np.testing.assert_array_equal(out["image"], [0, -1, 2, 0])
+    np.testing.assert_array_equal(out["point"], [0, -1, -1, 0])  # through image 1, and its own
+    np.testing.assert_array_equal(out["text"], [0, 1, 2, -1])
+    np.testing.assert_array_equal(table["image"], [0, 1, 2, 0])  # the input is left as it was
+
+
+def test_summarize_ignores_missing_items() -> None:
+    labels = {m: np.array([0, 1, 0]) for m in ("audio", "image", "text")}
+    coarse = {m: np.array([0, 0, 0]) for m in labels}
+    table = {"audio": np.array([0, 1, 2]), "image": np.array([2, -1, 1]),
+             "text": np.array([1, 1, -1]), "start": np.full(3, 1, np.int8)}  # fmt: skip
+    s = summarize(table, labels, coarse)
+    assert s["items"] == {"audio": 3, "image": 2, "text": 2}
+    # Row 0: image agrees, text not; row 1: text agrees; row 2: image does not.
+    assert s["target_agreement"]["audio"] == {"image": 0.5, "text": 0.5}
+    assert s["concept_agreement"]["audio"] == pytest.approx(1 / 3)
+    assert s["coarse"]["concept_agreement"]["audio"] == 1.0
+
+
+# ---------------------------------------------------------------------------- tuple tables
+
+
+def test_tuple_tables_allow_missing_items_and_refuse_bad_rows(tmp_path: Path) -> None:
+    path = tmp_path / "t.npz"
+    table = {"image": np.array([0, 4, -1]), "text": np.array([1, -1, 2]),
+             "start": np.array([2, 2, 3], np.int8), "provenance": np.array([2, -1, 0], np.int8),
+             "conf_text": np.array([0.5, 0, 1], np.float32)}  # fmt: skip
+    save_tuples(path, table, pool="pool")
+    got, meta = load_tuples(path, pool_sizes={"image": 5, "text": 3})
+    assert sorted(got) == sorted(table) and meta == {"pool": "pool"}
+    np.testing.assert_array_equal(weights_of(got, "text"), [0.5, 0, 1])
+    np.testing.assert_array_equal(weights_of(got, "image"), [1, 1, 0])
+    match = rf"{path}: column 'image' indexes row 4, but the image pool holds 4 rows"
+    with pytest.raises(CacheError, match=match):
+        load_tuples(path, pool_sizes={"image": 4})
+    for bad, match in [
+        ({"start": np.array([2, 3, 3], np.int8)}, "tuples started from text lack their text"),
+        ({"conf_text": np.array([2, 0, 1], np.float32)}, "'conf_text' has values outside"),
+        ({"image": np.array([0, -2, 1])}, "'image' has rows below -1"),
+        ({"conf_audio": np.ones(3, np.float32)}, r"unknown columns \['conf_audio'\]"),
+        ({"provenance": np.array([3, 0, 0], np.int8)}, "'provenance' out of range"),
+    ]:
+        with pytest.raises(CacheError, match=match):
+            save_tuples(tmp_path / "bad.npz", {**table, **bad}, pool="pool")
+
+
+# ---------------------------------------------------------------------------- cleaning stage
+
+
+def _summary(cfg) -> dict:
+    return json.loads((Path(cfg.pair.output).parent / SUMMARY).read_text())
+
+
+def test_stage_mutual_keeps_cycle_consistent_items_and_logs(compose_cfg, small_world: Path) -> None:
+    cfg = compose_cfg(*PAIR, "pair.clean.mutual=true", "logger=csv")
+    train(cfg)
+    table, meta = load_tuples(cfg.pair.output)
+    summary = _summary(cfg)
+    assert [r["rule"] for r in summary["rules"]] == ["none", "mutual"]
+    before, after = summary["rules"]
+    assert before["tuples"] == 8000 and after["tuples"] == summary["tuples"] < 8000
+    assert meta["clean"]["mutual"] is True
+    # Every kept audio->image item is mutual; every dropped one is not; its chained point goes too.
+    a_pool, i_pool = (_pool(small_world, "imagebind", m).load() for m in ("audio", "image"))
+    a2i, i2a = _brute(a_pool, i_pool, 1)[1][:, 0], _brute(i_pool, a_pool, 1)[1][:, 0]
+    audio = table["start"] == MODALITIES.index("audio")
+    a, img = table["audio"][audio], table["image"][audio]
+    mutual = i2a[a2i[a]] == a
+    np.testing.assert_array_equal(img >= 0, mutual)
+    np.testing.assert_array_equal(img[mutual], a2i[a][mutual])
+    assert (table["point"][audio][~mutual] == -1).all()
+    assert (table["start"] >= 0).all() and (sum((table[m] >= 0) for m in MODALITIES) >= 2).all()
+    # Mutual image->text hops agree more often than all top-1 hops on this world.
+    assert after["hops"]["image->text"]["fine"] > before["hops"]["image->text"]["fine"]
+    assert 0 < after["hops"]["image->text"]["kept_fraction"] < 1
+    metrics = next(Path(cfg.paths.output_dir).rglob("metrics.csv")).read_text().splitlines()[0]
+    assert "pair/mutual/kept_fraction" in metrics and "pair/none/hops/image_to_text/fine" in metrics
+
+
+def test_stage_rule_below_min_tuples_stops_naming_it(compose_cfg, small_world: Path) -> None:
+    match = r"rule 'mutual' keeps \d+ tuples of 4000, fewer than pair.min_tuples=3999"
+    with pytest.raises(ValueError, match=match):
+        train(compose_cfg(*PAIR, "pair.modalities=[image,text]", "pair.clean.mutual=true",
+                          "pair.min_tuples=3999"))  # fmt: skip
+
+
+def test_stage_cross_space_agreement(compose_cfg, small_world: Path) -> None:
+    cfg = compose_cfg(*PAIR, "pair.clean.cross_k=3", "pair.modalities=[audio,image,text]")
+    train(cfg)
+    table, _ = load_tuples(cfg.pair.output)
+    summary = _summary(cfg)
+    # The first other route space (by name) that embeds both; audio-image has none.
+    want = {"audio_text": "imagebind", "image_text": "imagebind", "audio_image": None}
+    assert summary["cross_spaces"] == want
+    text = table["start"] == MODALITIES.index("text")
+    t, img = table["text"][text], table["image"][text]
+    top3 = _brute(*(_pool(small_world, "imagebind", m).load() for m in ("text", "image")), 3)[1]
+    eva = _brute(*(_pool(small_world, "eva_clip_18b", m).load() for m in ("text", "image")), 1)[1]
+    agree = (top3[t] == eva[t, :1]).any(1)
+    np.testing.assert_array_equal(img >= 0, agree)
+    assert 0 < agree.mean() < 1
+    # A similarity threshold in a named second space.
+    cfg = compose_cfg(*PAIR, "pair.modalities=[image,text]", "pair.clean.cross_threshold=0.3",
+                      "+pair.clean.cross_spaces.image_text=uni3d")  # fmt: skip
+    train(cfg)
+    table, _ = load_tuples(cfg.pair.output)
+    assert _summary(cfg)["cross_spaces"] == {"image_text": "uni3d"}
+    # Image-started rows run over the image pool in order; a row whose text goes is dropped.
+    x, y = (_pool(small_world, "uni3d", m).load() for m in ("image", "text"))
+    text = _brute(*(_pool(small_world, "eva_clip_18b", m).load() for m in ("image", "text")), 1)
+    sim = np.einsum("nd,nd->n", x, y[text[1][:, 0]])
+    image = table["start"] == MODALITIES.index("image")
+    np.testing.assert_array_equal(table["image"][image], np.flatnonzero(sim >= 0.3))
+    np.testing.assert_array_equal(table["text"][image], text[1][sim >= 0.3, 0])
+    assert 0 < (sim >= 0.3).mean() < 1
+
+
+def test_stage_csls_is_hubness_corrected_search(compose_cfg, small_world: Path) -> None:
+    cfg = compose_cfg(*PAIR, "pair.clean.csls=5", "pair.modalities=[audio,image]")
+    train(cfg)
+    table, _ = load_tuples(cfg.pair.output)
+    assert [r["rule"] for r in _summary(cfg)["rules"]] == ["csls"]
+    a, b = (
+        _pool(small_world, "imagebind", m).load().astype(np.float64) for m in ("audio", "image")
+    )
+    s = a @ b.T
+    r_b = np.sort(s, 0)[-5:].mean(0)  # each image's mean score to its 5 nearest audio clips
+    want = np.argmax(s - r_b / 2, 1)
+    audio = table["start"] == MODALITIES.index("audio")
+    # float32 search vs float64 here: near-ties may flip, so compare all but a few rows.
+    assert (table["image"][audio] == want).mean() > 0.99
+    assert (table["image"][audio] != np.argmax(s, 1)).mean() > 0.05  # CSLS changed the search
+
+
+def test_stage_soft_provenance_and_reuse(compose_cfg, small_world: Path) -> None:
+    cfg = compose_cfg(*PAIR, "pair.topk=2", "pair.clean.soft=true", "pair.modalities=[image,text]")
+    train(cfg)
+    table, _ = load_tuples(cfg.pair.output)
+    image = table["start"] == MODALITIES.index("image")
+    pair_sum = table["conf_text"][image].reshape(-1, 2).sum(1)  # ranks 0 and 1 of each image
+    np.testing.assert_allclose(pair_sum, 1, rtol=1e-5)
+    assert (table["conf_image"][image] == 1).all() and 0.5 <= table["conf_text"][image][0] <= 1
+
+    cfg = compose_cfg(*PAIR, "pair.clean.provenance=true", "pair.clean.max_reuse=1")
+    train(cfg)
+    table, _ = load_tuples(cfg.pair.output)
+    summary = _summary(cfg)
+    assert [r["rule"] for r in summary["rules"]] == ["none", "provenance", "max_reuse"]
+    text = table["start"] == MODALITIES.index("text")
+    prov = _pool(small_world, "clap", "text").extra("provenance")[table["text"][text]]
+    for p, allowed in {"point": ["point", "image"], "audio": ["audio"], "image": ["image"]}.items():
+        rows = prov == PROVENANCES.index(p)
+        assert rows.any()
+        for m in ("point", "audio", "image"):
+            present = table[m][text][rows] >= 0
+            assert present.any() if m in allowed else not present.any(), (p, m)
+    # max_reuse=1: an item is retrieved at most once per start and target.
+    for i, s in enumerate(MODALITIES):
+        for t in MODALITIES:
+            items = table[t][(table["start"] == i) & (table[t] >= 0)]
+            if t != s:
+                assert len(np.unique(items)) == len(items), (s, t)
