@@ -17,16 +17,30 @@ import logging
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from datamodules.cache import atomic_write, atomic_write_json
 from encoders.modalities import resolve_device
-from lightning_modules.benchmarks import load_benchmarks, manifest_path
+from lightning_modules.benchmarks import Benchmarks, load_benchmarks, manifest_path
 from lightning_modules.common import ensure_data, make_logger
-from lightning_modules.methods import make_method
+from lightning_modules.methods import Method, make_method
 from lightning_modules.results import compact_summary, log_wandb, markdown
 from lightning_modules.scoring import TIES, evaluate_method, mean_r1
 
 log = logging.getLogger(__name__)
+
+
+def _entry(method: Method, scores: dict, benchmarks: Benchmarks) -> dict:
+    """A method's results.json entry: rounded scores and its mean R@1 over covered directions."""
+    if not scores["retrieval"] and not scores["zeroshot"]:
+        log.warning("evaluate: %s (modalities %s) covers no benchmark of %s", method.name,
+                    list(method.modalities), benchmarks.path)  # fmt: skip
+    # Metrics compute in float32: 6 decimals keep every digit that means anything.
+    scores = {kind: {k: round(v, 6) for k, v in s.items()} for kind, s in scores.items()}
+    r1 = [v for k, v in scores["retrieval"].items() if k.endswith("/R@1")]
+    mean = mean_r1(scores["retrieval"])
+    summary = {"mean_R@1": None if mean is None else round(mean, 6), "directions": len(r1)}
+    return dict(modalities=list(method.modalities), **scores, summary=summary)
 
 
 def run(cfg: DictConfig) -> float | None:
@@ -49,19 +63,18 @@ def run(cfg: DictConfig) -> float | None:
     device = resolve_device(ev.device)
     ks, topk = tuple(int(k) for k in ev.ks), tuple(int(k) for k in ev.topk)
     results: dict = dict(benchmarks=str(benchmarks.path), root=str(benchmarks.root), methods={})
-    for method in methods:
-        log.info("evaluate: %s on %s", method.name, benchmarks.path)
-        scores = evaluate_method(method, benchmarks, ks, topk, int(ev.chunk), device)
-        if not scores["retrieval"] and not scores["zeroshot"]:
-            log.warning("evaluate: %s (modalities %s) covers no benchmark of %s", method.name,
-                        list(method.modalities), benchmarks.path)  # fmt: skip
-        # Metrics compute in float32: 6 decimals keep every digit that means anything.
-        scores = {kind: {k: round(v, 6) for k, v in s.items()} for kind, s in scores.items()}
-        r1 = [v for k, v in scores["retrieval"].items() if k.endswith("/R@1")]
-        mean = mean_r1(scores["retrieval"])
-        summary = {"mean_R@1": None if mean is None else round(mean, 6), "directions": len(r1)}
-        results["methods"][method.name] = dict(modalities=list(method.modalities), **scores,
-                                               summary=summary)  # fmt: skip
+    total = len(methods) * (len(benchmarks.retrieval) + len(benchmarks.zeroshot))
+    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TimeRemainingColumn()]  # fmt: skip
+    with Progress(*columns, disable=not cfg.trainer.get("enable_progress_bar", True)) as bar:
+        task = bar.add_task("evaluate", total=total)
+        for method in methods:
+            log.info("evaluate: %s on %s", method.name, benchmarks.path)
+            advance = lambda name, who=method.name: bar.update(  # noqa: E731
+                task, advance=1, description=f"evaluate: {who} on {name}"
+            )
+            scores = evaluate_method(method, benchmarks, ks, topk, int(ev.chunk), device, advance)
+            results["methods"][method.name] = _entry(method, scores, benchmarks)
     if not any(m["retrieval"] or m["zeroshot"] for m in results["methods"].values()):
         raise ValueError(f"no method in {list(ev.methods)} covers any benchmark of "
                          f"{benchmarks.path}")  # fmt: skip

@@ -9,7 +9,7 @@ the L2-normalised template embeddings. Ties are broken deterministically (see TI
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -232,14 +232,20 @@ def evaluate_method(
     topk: tuple[int, ...] = (1, 5),
     chunk: int = 1024,
     device: str | torch.device = "cpu",
+    advance: Callable[[str], None] | None = None,
 ) -> dict[str, dict[str, float]]:
-    """{'retrieval': {...}, 'zeroshot': {...}} of one method on the benchmarks it covers."""
+    """{'retrieval': {...}, 'zeroshot': {...}} of one method on the benchmarks it covers.
+
+    advance(benchmark name), if given, is called once per benchmark, scored or not (progress).
+    """
+    advance = advance or (lambda name: None)
     can = covered(method.modalities)
     pairs = [b.modalities for b in benchmarks.retrieval]
     repeated = {p for p in pairs if pairs.count(p) > 1}
     out: dict[str, dict[str, float]] = {"retrieval": {}, "zeroshot": {}}
     for bench in benchmarks.retrieval:
         if not set(bench.modalities) <= can:
+            advance(bench.name)
             continue
         rows = Rows(method, benchmarks.root, torch.device(device))
         for key, value in score_retrieval(rows, bench, ks, chunk).items():
@@ -247,10 +253,12 @@ def evaluate_method(
             direction, k = key.split("/")
             named = f"{direction}/{bench.name}/{k}" if bench.modalities in repeated else key
             out["retrieval"][named] = value
+        advance(bench.name)
     for bench in benchmarks.zeroshot:
         if {bench.modality, "text"} <= can:
             rows = Rows(method, benchmarks.root, torch.device(device))
             out["zeroshot"] |= score_zeroshot(rows, bench, topk, chunk)
+        advance(bench.name)
     return out
 
 
