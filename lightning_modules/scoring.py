@@ -9,6 +9,7 @@ the L2-normalised template embeddings. Ties are broken deterministically (see TI
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
@@ -29,7 +30,9 @@ from lightning_modules.benchmarks import (
 from lightning_modules.methods import Method, open_cache
 from lightning_modules.metrics import MeanAveragePrecision, RetrievalRecall, ZeroShotAccuracy
 
-ITEMS_JSON = "items.json"  # the extract stage's item list beside a cache (keys, classes)
+# Written by the extract stage beside a cache: its item list (keys, classes), its failed items.
+ITEMS_JSON, ERRORS_JSON = "items.json", "errors.json"
+log = logging.getLogger(__name__)
 TIES = (
     "Ties: among equal scores the lower gallery row (retrieval) or class index (zero-shot) "
     "ranks first; AP treats equal scores as one threshold."
@@ -100,6 +103,13 @@ def item_ids(rows: Rows, bench: Retrieval, modality: str) -> tuple[torch.Tensor,
     return torch.from_numpy(items.astype(np.int64)), cache
 
 
+def _skipped(cache: EmbeddingCache) -> torch.Tensor:
+    """Ids of the items whose extraction failed (the extract stage's errors.json), maybe none."""
+    path = cache.directory / ERRORS_JSON
+    ids = [int(e["id"]) for e in json.loads(path.read_text())] if path.is_file() else []
+    return torch.tensor(ids, dtype=torch.int64)
+
+
 def score_retrieval(rows: Rows, bench: Retrieval, ks: tuple[int, ...], chunk: int) -> dict:
     """R@K both ways on one paired set: {'<query>_to_<target>/R@K': fraction}."""
     a, b = bench.modalities
@@ -109,13 +119,21 @@ def score_retrieval(rows: Rows, bench: Retrieval, ks: tuple[int, ...], chunk: in
         items[m], caches[m] = item_ids(rows, bench, m)
     for m, other in ((a, b), (b, a)):
         orphan = ~torch.isin(items[m], items[other])
-        if orphan.any():
+        if not orphan.any():
+            continue
+        # Captions of items that extraction skipped (listed in errors.json) drop out of the set;
+        # any other caption without its item means the mapping is wrong.
+        if not torch.isin(items[m][orphan], _skipped(caches[other])).all():
             raise CacheError(
                 f"benchmark {bench.name!r}: {int(orphan.sum())} of {len(items[m])} {m} rows in "
                 f"{caches[m].directory} have item ids with no {other} row in "
                 f"{caches[other].directory} (e.g. {items[m][orphan][:5].tolist()}): the "
                 "caption/item mapping does not match its cache"
             )
+        log.warning("benchmark %r: %d of %d %s rows belong to %s items that extraction skipped "
+                    "(%s); they are left out", bench.name, int(orphan.sum()), len(items[m]), m,
+                    other, caches[other].directory / ERRORS_JSON)  # fmt: skip
+        emb[m], items[m] = emb[m][~orphan.to(emb[m].device)], items[m][~orphan]
     out = {}
     for q, t in ((a, b), (b, a)):
         metric = RetrievalRecall(ks, chunk=chunk).to(rows.device)

@@ -539,6 +539,23 @@ def test_multi_caption_video_retrieval_known_answer(tmp_path: Path) -> None:
     assert evaluate_method(make_method("raw:clap"), bench)["retrieval"] == {}
 
 
+def test_captions_of_skipped_videos_drop_out(tmp_path: Path) -> None:
+    # Video 9 had no readable frames: extract skipped it and listed it in errors.json.
+    _write(tmp_path, "msrvtt", "image", _pad(VIDEOS[:1]), ids=np.array([7]), space="imagebind",
+           dim=1024)  # fmt: skip
+    _write(tmp_path, "msrvtt", "text", _pad(CAPTIONS), space="imagebind", dim=1024,
+           item=CAPTION_ITEMS)  # fmt: skip
+    entry = dict(name="msrvtt", dataset="msrvtt", modalities=["video", "text"])
+    bench = load_benchmarks(_manifest(tmp_path, dict(retrieval=[entry])))
+    with pytest.raises(CacheError, match=r"2 of 4 text rows .* no video row"):
+        evaluate_method(make_method("raw:imagebind"), bench)
+    errors = cache_dir(tmp_path, "msrvtt", "imagebind", "image") / "errors.json"
+    errors.write_text(json.dumps([{"id": 9, "error": "no readable frames"}]))
+    scores = evaluate_method(make_method("raw:imagebind"), bench, ks=(1,))["retrieval"]
+    # Left: v7 and its captions 0 and 1; one video in the gallery, so every query hits.
+    assert scores == {"video_to_text/R@1": 1.0, "text_to_video/R@1": 1.0}
+
+
 def test_video_goes_through_the_image_router(small_world: Path, tmp_path: Path,
                                              compose_cfg) -> None:  # fmt: skip
     cfg = compose_cfg("stage=evaluate")
