@@ -43,7 +43,8 @@ from datamodules.extraction import (  # noqa: E402
 )
 from encoders import build_encoder, build_processor  # noqa: E402
 from lightning_modules.common import CONF_DIR  # noqa: E402
-from lightning_modules.extract import plan, run  # noqa: E402
+from lightning_modules.extract import run  # noqa: E402
+from lightning_modules.extract_plan import plan  # noqa: E402
 
 
 def make_images(folder: Path, n: int, seed: int = 0) -> None:

@@ -1,11 +1,18 @@
-"""The raw demo set (`data=demo_raw`): a few real files of every modality, generated on first use.
+"""The raw demo set (`data=demo_raw`): a few hundred generated files of every modality.
 
-    images/      scikit-image's bundled sample photographs, downscaled (PNG and JPEG)
-    audio/       synthesised clips (tones, a chirp, noise, clicks) at several sample rates
-    points/      procedural shapes as .npy (xyz, xyz + rgb) and .ply (ascii and binary)
-    videos/      two short clips: a frame folder and a (T, H, W, 3) .npy
-    captions.jsonl  a caption per item, with its provenance (image, audio or point) and label
-
+Six concepts (ball, box, can, cone, ring, spring), each seen as a drawn picture, heard as a
+synthesised sound, and sampled as a 3D shape, so the pair stage has something to link:
+    pool/images/        60 drawn pictures (PNG and JPEG)          pool/audio/  24 clips (wav)
+    pool/points/        48 clouds (.npy, ascii and binary .ply)   pool/captions.jsonl  a caption
+                        per pool item, with its provenance (image, audio or point) and label
+    test/{images,audio,points}/<class>/   labelled items (zero-shot); test/captions.jsonl: five
+                        captions per test image (COCO-style, `item` names the image)
+    videos/             12 clips (frame folders, (T, H, W, 3) .npy and .mp4) with three captions
+                        each in video_captions.jsonl (MSR-VTT-style)
+    benchmarks.json     retrieval (image-text, video-text) and zero-shot manifests with classes
+                        and templates (lightning_modules/benchmarks.py)
+    dumps/<dataset>/{point,image,text}.npy + .ids.json: 1024-d "precomputed" embeddings (class
+                        prototype + noise) for `space=uni3d space.encoder.path=<source>/dumps`
 Nothing is downloaded; the same seed writes the same files.
 """
 
@@ -18,158 +25,247 @@ from pathlib import Path
 
 import numpy as np
 
-IMAGES = {  # skimage.data name -> (label, caption)
-    "astronaut": ("person", "a portrait of an astronaut in a white space suit"),
-    "camera": ("person", "a black and white photo of a man with a camera on a tripod"),
-    "coffee": ("object", "a cup of coffee on a saucer, seen from above"),
-    "chelsea": ("animal", "a ginger tabby cat looking at the camera"),
-    "coins": ("object", "a grey photo of old coins on a flat surface"),
-    "rocket": ("vehicle", "a rocket standing on its launch pad"),
-    "hubble_deep_field": ("space", "a deep field of distant galaxies"),
-    "moon": ("space", "a close up of the cratered surface of the moon"),
+# concept -> (sound, shape, what its sound is, how its picture is drawn)
+CONCEPTS = {
+    "ball": ("bounce", "sphere", "a ball bouncing on a hard floor"),
+    "box": ("knock", "cube", "someone knocking on a wooden box"),
+    "can": ("hum", "cylinder", "a tin can humming with a low metallic tone"),
+    "cone": ("whistle", "cone", "a whistle rising quickly in pitch"),
+    "ring": ("bell", "torus", "a metal ring struck like a bell, ringing out"),
+    "spring": ("boing", "helix", "a spring wobbling with a warbling boing"),
 }
-AUDIO = {  # name -> (sample rate, seconds, label, caption)
-    "tone_a4": (16000, 1.0, "tone", "a steady pure tone at four hundred forty hertz"),
-    "chirp": (22050, 2.0, "sweep", "a whistle sweeping quickly from low to high pitch"),
-    "noise_burst": (44100, 0.5, "noise", "a short burst of hissing white noise"),
-    "tremolo": (48000, 3.0, "tone", "a warbling tone that pulses in loudness"),
-    "bell": (32000, 1.5, "bell", "a bell strike ringing out and slowly fading"),
-    "clicks": (8000, 1.0, "clicks", "a fast train of sharp clicks like a ticking clock"),
+CLASSES = sorted(CONCEPTS)
+COLOURS = {"red": (200, 40, 40), "green": (40, 160, 60), "blue": (40, 70, 200),
+           "yellow": (230, 200, 40), "purple": (130, 50, 160),
+           "orange": (240, 130, 30)}  # fmt: skip
+BACKGROUNDS = {"white": (235, 235, 235), "grey": (120, 120, 120), "black": (20, 20, 20)}
+COUNTS = {
+    "pool": {"image": 10, "audio": 4, "point": 8},
+    "test": {"image": 4, "audio": 2, "point": 3},
 }
-SHAPES = {  # name -> (file suffix, label, caption)
-    "sphere": (".npy", "sphere", "a 3D model of a smooth ball"),
-    "cube": (".npy", "box", "a 3D model of a colourful cube"),
-    "torus": (".ply", "ring", "a 3D model of a red doughnut shaped ring"),
-    "cylinder": ("-binary.ply", "can", "a 3D model of a tall cylinder like a tin can"),
-    "cone": (".npy", "cone", "a 3D model of a traffic cone"),
-    "helix": ("-binary.ply", "spring", "a 3D model of a coiled spring"),
-}
-N_POINTS = 2048
+VIDEOS_PER_CLASS, VIDEO_FRAMES, SIZE, N_POINTS, DUMP_DIM = 2, 8, 96, 1024, 1024
+TEMPLATES = {"image": ["a photo of a {}.", "a drawing of a {}."],
+             "audio": ["the sound of a {}.", "a recording of a {}."],
+             "point": ["a 3D model of a {}.", "a point cloud of a {}."]}  # fmt: skip
 MARKER = "DEMO_RAW_COMPLETE"
 
 
-def _images(out: Path) -> dict:
-    from PIL import Image
-    from skimage import data
+def draw(concept: str, colour: str, bg: str, rng: np.random.Generator, size: int = SIZE):
+    """A picture of `concept`: its silhouette in `colour` on a noisy `bg` background."""
+    from PIL import Image, ImageDraw, ImageFilter
 
-    out.mkdir()
-    for i, name in enumerate(IMAGES):
-        arr = getattr(data, name)()
-        img = Image.fromarray(arr).convert("RGB")
-        img.thumbnail((160, 160))
-        img.save(out / f"{name}.{'jpg' if i % 2 else 'png'}")
-    return {
-        name: Image.open(next(out.glob(f"{name}.*"))).convert("RGB")
-        for name in ("astronaut", "chelsea")
-    }
-
-
-def _audio(out: Path, rng: np.random.Generator) -> None:
-    import soundfile as sf
-
-    out.mkdir()
-    for name, (rate, seconds, _, _) in AUDIO.items():
-        t = np.arange(int(rate * seconds)) / rate
-        if name == "tone_a4":
-            wave = np.sin(2 * np.pi * 440 * t)
-        elif name == "chirp":
-            wave = np.sin(2 * np.pi * (200 * t + 0.5 * 900 * t**2))
-        elif name == "noise_burst":
-            wave = rng.standard_normal(len(t)) * 0.5
-        elif name == "tremolo":
-            wave = np.sin(2 * np.pi * 330 * t) * (0.6 + 0.4 * np.sin(2 * np.pi * 5 * t))
-        elif name == "bell":
-            wave = sum(np.sin(2 * np.pi * f * t) / k for k, f in enumerate((523, 1046, 1568), 1))
-            wave *= np.exp(-3 * t)
-        else:
-            wave = np.zeros(len(t))
-            wave[:: rate // 20] = 1.0
-        wave = 0.8 * wave / np.abs(wave).max()
-        sf.write(out / f"{name}.wav", wave.astype(np.float32), rate, subtype="PCM_16")
+    noise = rng.normal(0, 12, (size, size, 3))
+    base = np.clip(np.array(BACKGROUNDS[bg]) + noise, 0, 255).astype(np.uint8)
+    img = Image.fromarray(base)
+    d, fill = ImageDraw.Draw(img), COLOURS[colour]
+    r = size * rng.uniform(0.22, 0.34)
+    cx, cy = size / 2 + rng.uniform(-0.12, 0.12, 2) * size
+    box = (cx - r, cy - r, cx + r, cy + r)
+    if concept == "ball":
+        d.ellipse(box, fill=fill)
+    elif concept == "box":
+        d.rectangle(box, fill=fill)
+    elif concept == "ring":
+        d.ellipse(box, outline=fill, width=int(r / 2.5))
+    elif concept == "can":
+        d.rectangle((cx - r / 2, cy - r, cx + r / 2, cy + r), fill=fill)
+        d.ellipse((cx - r / 2, cy - r - r / 5, cx + r / 2, cy - r + r / 5), fill=fill)
+    elif concept == "cone":
+        d.polygon([(cx, cy - r), (cx - r * 0.7, cy + r), (cx + r * 0.7, cy + r)], fill=fill)
+    else:  # spring: a zigzag coil
+        pts = [(cx + (r * 0.6 if k % 2 else -r * 0.6), cy - r + k * r / 4) for k in range(9)]
+        d.line(pts, fill=fill, width=max(2, int(r / 6)))
+    return img.filter(ImageFilter.GaussianBlur(rng.uniform(0, 1.0)))
 
 
-def _shape(name: str, rng: np.random.Generator) -> np.ndarray:
-    n = N_POINTS
+def sound(kind: str, rate: int, rng: np.random.Generator, seconds: float = 1.0) -> np.ndarray:
+    """A mono clip of `kind` (bounce, knock, hum, whistle, bell, boing), peak 0.8."""
+    t = np.arange(int(rate * seconds)) / rate
+    f = rng.uniform(0.9, 1.1)  # each clip a little higher or lower
+    if kind == "bounce":  # clicks closer and closer together
+        wave = np.zeros(len(t))
+        for k in np.cumsum(0.3 * 0.7 ** np.arange(12)):
+            wave[int(k * rate) : int(k * rate) + rate // 200] = 1.0
+    elif kind == "knock":  # short low noise bursts
+        wave = rng.standard_normal(len(t)) * ((t % 0.25) < 0.03) * np.sin(2 * np.pi * 150 * f * t)
+    elif kind == "hum":
+        wave = sum(np.sin(2 * np.pi * 110 * f * k * t) / k for k in (1, 2.7, 5.4))
+    elif kind == "whistle":
+        wave = np.sin(2 * np.pi * (600 * f * t + 0.5 * 1500 * t**2))
+    elif kind == "bell":
+        wave = sum(np.sin(2 * np.pi * 523 * f * k * t) / k for k in (1, 2, 3)) * np.exp(-3 * t)
+    else:  # boing: vibrato
+        wave = np.sin(2 * np.pi * 220 * f * t + 8 * np.sin(2 * np.pi * 6 * t)) * np.exp(-t)
+    wave = wave + 0.01 * rng.standard_normal(len(t))
+    return (0.8 * wave / np.abs(wave).max()).astype(np.float32)
+
+
+def shape(name: str, rng: np.random.Generator, n: int = N_POINTS) -> np.ndarray:
+    """A point cloud (n, 3) of `name`, randomly scaled and jittered."""
     u, v = rng.uniform(0, 2 * np.pi, n), rng.uniform(0, 1, n)
     if name == "sphere":
         p = rng.standard_normal((n, 3))
-        return p / np.linalg.norm(p, axis=1, keepdims=True)
-    if name == "cube":
+        p /= np.linalg.norm(p, axis=1, keepdims=True)
+    elif name == "cube":
         p = rng.uniform(-1, 1, (n, 3))
-        face = rng.integers(0, 3, n)
-        p[np.arange(n), face] = np.sign(rng.uniform(-1, 1, n))
-        return np.concatenate([p, (p + 1) / 2 * 255], 1)  # rgb 0..255 from position
-    if name == "torus":
+        p[np.arange(n), rng.integers(0, 3, n)] = np.sign(rng.uniform(-1, 1, n))
+    elif name == "torus":
         w = rng.uniform(0, 2 * np.pi, n)
         p = np.stack([(1 + 0.3 * np.cos(w)) * np.cos(u), (1 + 0.3 * np.cos(w)) * np.sin(u),
                       0.3 * np.sin(w)], 1)  # fmt: skip
-        return np.concatenate([p, np.tile([200.0, 30.0, 30.0], (n, 1))], 1)
-    if name == "cylinder":
-        return np.stack([0.5 * np.cos(u), 0.5 * np.sin(u), 2 * v - 1], 1)
-    if name == "cone":
-        return np.stack([(1 - v) * 0.6 * np.cos(u), (1 - v) * 0.6 * np.sin(u), 1.5 * v], 1)
-    return np.stack([np.cos(6 * np.pi * v), np.sin(6 * np.pi * v), 2 * v - 1], 1)  # helix
+    elif name == "cylinder":
+        p = np.stack([0.5 * np.cos(u), 0.5 * np.sin(u), 2 * v - 1], 1)
+    elif name == "cone":
+        p = np.stack([(1 - v) * 0.6 * np.cos(u), (1 - v) * 0.6 * np.sin(u), 1.5 * v], 1)
+    else:  # helix
+        p = np.stack([np.cos(6 * np.pi * v), np.sin(6 * np.pi * v), 2 * v - 1], 1)
+    return p * rng.uniform(0.5, 2.0, 3) + rng.normal(0, 0.01, (n, 3))
 
 
 def write_ply(path: Path, pts: np.ndarray, binary: bool) -> None:
-    """A vertex-only PLY: float xyz, plus uchar rgb for (n, 6) points."""
-    color = pts.shape[1] == 6
-    props = [("x", "f4"), ("y", "f4"), ("z", "f4")] + (
-        [("red", "u1"), ("green", "u1"), ("blue", "u1")] if color else [])  # fmt: skip
-    names = {"f4": "float", "u1": "uchar"}
-    header = ["ply", f"format {'binary_little_endian' if binary else 'ascii'} 1.0",
-              "comment omnibind demo_raw", f"element vertex {len(pts)}",
-              *[f"property {names[t]} {p}" for p, t in props], "end_header"]  # fmt: skip
-    with open(path, "wb") as f:
-        f.write(("\n".join(header) + "\n").encode())
-        if binary:
-            rows = np.empty(len(pts), dtype=[(p, "<" + t) for p, t in props])
-            for i, (p, _) in enumerate(props):
-                rows[p] = pts[:, i]
-            f.write(rows.tobytes())
-        else:
-            for row in pts:
-                xyz = " ".join(f"{x:.6f}" for x in row[:3])
-                rgb = (" " + " ".join(str(int(c)) for c in row[3:])) if color else ""
-                f.write(f"{xyz}{rgb}\n".encode())
+    """A vertex-only PLY (plyfile): float xyz, plus uchar rgb for (n, 6) points."""
+    from plyfile import PlyData, PlyElement
+
+    props = [("x", "f4"), ("y", "f4"), ("z", "f4")]
+    if pts.shape[1] == 6:
+        props += [("red", "u1"), ("green", "u1"), ("blue", "u1")]
+    rows = np.empty(len(pts), dtype=props)
+    for i, (p, _) in enumerate(props):
+        rows[p] = pts[:, i]
+    PlyData([PlyElement.describe(rows, "vertex")], text=not binary).write(str(path))
 
 
-def _points(out: Path, rng: np.random.Generator) -> None:
+def write_mp4(path: Path, frames: list, fps: int = 4) -> None:
+    """Frames (PIL, even sizes) as an MPEG-4 video (PyAV)."""
+    import av
+
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream("mpeg4", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = *frames[0].size, "yuv420p"
+        for img in frames:
+            out.mux(stream.encode(av.VideoFrame.from_image(img)))
+        out.mux(stream.encode())
+
+
+class _Writer:
+    """Writes one split's files and remembers (key, class) per modality for the dumps."""
+
+    def __init__(self, root: Path, rng: np.random.Generator) -> None:
+        self.root, self.rng, self.rows = root, rng, {}
+
+    def add(self, dataset: str, modality: str, key: str, label: str) -> None:
+        self.rows.setdefault((dataset, modality), []).append((key, label))
+
+    def jsonl(self, path: Path, rows: list[dict]) -> None:
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def _split(w: _Writer, split: str) -> None:
+    import soundfile as sf
+
+    rng, root, n = w.rng, w.root / split, COUNTS[split]
+    captions, labelled = [], split == "test"
+    for c in CLASSES:
+        kind, shape_name, heard = CONCEPTS[c]
+        sub = f"{c}/" if labelled else ""
+        for i in range(n["image"]):
+            colour, bg = rng.choice(list(COLOURS)), rng.choice(list(BACKGROUNDS))
+            key = f"{sub}{c}_{i:02d}"
+            (root / "images" / key).parent.mkdir(parents=True, exist_ok=True)
+            ext = ".jpg" if i % 2 else ".png"
+            draw(c, colour, bg, rng).save(root / "images" / f"{key}{ext}")
+            w.add(split, "image", key, c)
+            texts = [f"a {colour} {c} on a {bg} background"]
+            if labelled:  # five captions per test image, COCO-style
+                texts += [f"a picture of a {c} drawn in {colour}", f"a simple drawing of a {c}",
+                          f"{colour} {c}, seen from the front",
+                          f"a {c} in front of {bg}"]  # fmt: skip
+            for j, text in enumerate(texts):
+                cid = f"{key}/{j}" if labelled else f"image/{key}"
+                captions.append(dict(id=cid, text=text, provenance="image", label=c, item=key))
+        for i in range(n["audio"]):
+            rate = int(rng.choice([16000, 22050, 32000, 44100, 48000]))
+            key = f"{sub}{c}_{i:02d}"
+            (root / "audio" / key).parent.mkdir(parents=True, exist_ok=True)
+            sf.write(root / "audio" / f"{key}.wav", sound(kind, rate, rng), rate, subtype="PCM_16")
+            w.add(split, "audio", key, c)
+            if not labelled:
+                captions.append(dict(id=f"audio/{key}", text=heard, provenance="audio", label=c))
+        for i in range(n["point"]):
+            key = f"{sub}{c}_{i:02d}"
+            (root / "points" / key).parent.mkdir(parents=True, exist_ok=True)
+            pts = shape(shape_name, rng).astype(np.float32)
+            if i % 3 == 0:
+                np.save(root / "points" / f"{key}.npy", pts)
+            else:
+                write_ply(root / "points" / f"{key}.ply", pts, binary=i % 3 == 2)
+            w.add(split, "point", key, c)
+            if not labelled:
+                size = ["small", "large", "tall", "flat"][i % 4]
+                captions.append(dict(id=f"point/{key}", text=f"a 3D model of a {size} {c}",
+                                     provenance="point", label=c))  # fmt: skip
+    if not labelled:
+        for r in captions:
+            r.pop("item", None)
+    w.jsonl(root / "captions.jsonl", captions)
+    for r in captions:
+        w.add(split, "text", r["id"], r["label"])
+
+
+def _videos(w: _Writer) -> None:
+    from PIL import Image
+
+    out, rows = w.root / "videos", []
     out.mkdir()
-    for name, (suffix, _, _) in SHAPES.items():
-        pts = _shape(name, rng).astype(np.float32)
-        if suffix == ".npy":
-            np.save(out / f"{name}.npy", pts)
-        else:
-            write_ply(out / f"{name}.ply", pts, binary=suffix.startswith("-binary"))
+    for c in CLASSES:
+        for i in range(VIDEOS_PER_CLASS):
+            colour, bg = w.rng.choice(list(COLOURS)), w.rng.choice(list(BACKGROUNDS))
+            big = draw(c, colour, bg, w.rng, size=128)
+            frames = [big.crop((8 * t, 16, 8 * t + 64, 80)) for t in range(VIDEO_FRAMES)]  # a pan
+            key, form = f"{c}_{i}", (len(rows) // 3) % 3
+            if form == 0:
+                (out / key).mkdir()
+                for t, f in enumerate(frames):
+                    f.save(out / key / f"{t:03d}.png")
+            elif form == 1:
+                np.save(out / f"{key}.npy", np.stack([np.asarray(f) for f in frames]))
+            else:
+                write_mp4(out / f"{key}.mp4", [Image.fromarray(np.asarray(f)) for f in frames])
+            w.add("video", "image", key, c)
+            texts = [f"a {colour} {c} sliding across the screen", f"a video of a {c}",
+                     f"the camera pans over a {c}"]  # fmt: skip
+            for j, text in enumerate(texts):
+                rows.append(dict(id=f"{key}/{j}", text=text, provenance="image", label=c, item=key))
+                w.add("video", "text", f"{key}/{j}", c)
+    w.jsonl(w.root / "video_captions.jsonl", rows)
 
 
-def _videos(out: Path, frames: dict) -> None:
-    out.mkdir()
-    pan = out / "astronaut_pan"
-    pan.mkdir()
-    img = frames["astronaut"]
-    w, h = img.size
-    for t in range(8):  # a camera pan: a window sliding right
-        x = int(t * (w - h // 2) / 7)
-        img.crop((x, 0, x + h // 2, h // 2)).save(pan / f"{t:03d}.png")
-    cat = frames["chelsea"]
-    w, h = cat.size
-    zoom = [
-        np.asarray(cat.crop((k, k * h // w, w - k, h - k * h // w)).resize((64, 64)))
-        for k in range(0, 36, 6)
-    ]  # a zoom in: a shrinking crop at a fixed size
-    np.save(out / "chelsea_zoom.npy", np.stack(zoom).astype(np.uint8))
+def _benchmarks(w: _Writer) -> None:
+    zeroshot = [dict(name=f"demo_{m}_cls", dataset="test", modality=m, classes=CLASSES,
+                     templates=TEMPLATES[m]) for m in ("image", "audio", "point")]  # fmt: skip
+    retrieval = [dict(name="demo_coco", dataset="test", modalities=["image", "text"],
+                      items={"text": "item"}),
+                 dict(name="demo_msrvtt", dataset="video", modalities=["video", "text"],
+                      items={"text": "item"})]  # fmt: skip
+    spec = dict(name="demo_raw", root=".", retrieval=retrieval, zeroshot=zeroshot)
+    (w.root / "benchmarks.json").write_text(json.dumps(spec, indent=1))
+    for z in zeroshot:
+        for c in CLASSES:
+            for t in range(len(z["templates"])):
+                w.add(f"{z['name']}_prompts", "text", f"{c}/{t}", c)
 
 
-def _captions(path: Path) -> None:
-    rows = [dict(id=f"image/{k}", text=c, provenance="image", label=lab)
-            for k, (lab, c) in IMAGES.items()]  # fmt: skip
-    rows += [dict(id=f"audio/{k}", text=c, provenance="audio", label=lab)
-             for k, (_, _, lab, c) in AUDIO.items()]  # fmt: skip
-    rows += [dict(id=f"point/{k}", text=c, provenance="point", label=lab)
-             for k, (_, lab, c) in SHAPES.items()]  # fmt: skip
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+def _dumps(w: _Writer) -> None:
+    """uni3d-shaped dumps: a unit prototype per class plus noise, for point, image and text."""
+    protos = {c: w.rng.standard_normal(DUMP_DIM) for c in CLASSES}
+    for (dataset, modality), rows in w.rows.items():
+        if modality == "audio":
+            continue
+        folder = w.root / "dumps" / dataset
+        folder.mkdir(parents=True, exist_ok=True)
+        emb = np.stack([protos[c] + 0.8 * w.rng.standard_normal(DUMP_DIM) for _, c in rows])
+        np.save(folder / f"{modality}.npy", emb.astype(np.float32))
+        (folder / f"{modality}.ids.json").write_text(json.dumps([k for k, _ in rows]))
 
 
 def ensure_demo_raw(source: str | Path, seed: int = 0) -> Path:
@@ -186,12 +282,12 @@ def ensure_demo_raw(source: str | Path, seed: int = 0) -> Path:
     source.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=source.parent, prefix=f".{source.name}."))
     try:
-        rng = np.random.default_rng(seed)
-        frames = _images(tmp / "images")
-        _audio(tmp / "audio", rng)
-        _points(tmp / "points", rng)
-        _videos(tmp / "videos", frames)
-        _captions(tmp / "captions.jsonl")
+        w = _Writer(tmp, np.random.default_rng(seed))
+        for split in ("pool", "test"):
+            _split(w, split)
+        _videos(w)
+        _benchmarks(w)
+        _dumps(w)
         (tmp / MARKER).write_text("complete\n")
         if source.exists():
             source.rmdir()  # empty

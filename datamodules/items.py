@@ -184,7 +184,7 @@ def _text(source: Path, spec: Mapping, where: str) -> tuple[list, list, dict, li
         provs.append(_field(row, ("provenance",), at, required=False))
         labels.append(_field(row, ("label",), at, required=False))
         items.append(_field(row, ("item",), at, required=bool(spec.get("items"))))
-    extras = {"provenance": _provenance(provs, spec.get("provenance"), str(source))}
+    extras = {"provenance": _provenance(provs, spec.get("provenance"), f"{where}: {source}")}
     return sources, keys, extras, [labels, items]
 
 

@@ -5,7 +5,7 @@ the block are the class's constructor arguments (Hydra names a wrong key when it
     encoders.openclip.OpenClipEncoder        image, text  EVA02-E, SigLIP, DFN, EVA-CLIP, tiny_clip
     encoders.clap.ClapEncoder                audio, text  CLAP, tiny_clap
     encoders.precomputed.PrecomputedEncoder  any          Uni3D, WavCaps, ImageBind (their dumps)
-Video goes through the image encoder frame by frame and is averaged (`Encoder.embed_video`).
+Video goes through the image encoder frame by frame and is averaged (encoders/video.py).
 
 Raw items to embeddings in one call (what the inference API uses):
     encoder = build_encoder(space_cfg.encoder, space_cfg.dims)

@@ -20,6 +20,7 @@ from torch import nn
 
 from encoders.modalities import check_modality
 from encoders.readers import LoadSettings, load_frames, load_raw
+from encoders.video import encode_video, pad_frames
 
 
 class Processor:
@@ -79,21 +80,9 @@ class Encoder(nn.Module):
         return out
 
     def embed_video(self, frames: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """frames (batch, time, 3, H, W) -> (batch, dim): the mean of the L2-normalised frame
-        embeddings of the image side, L2-normalised again (mean pooling, as CLIP4Clip does).
-        `mask` (batch, time) marks real frames of zero-padded shorter clips (not embedded)."""
-        if frames.ndim != 5:
-            shape = tuple(frames.shape)
-            raise ValueError(f"video frames must be (batch, time, 3, H, W), got {shape}")
-        b, t = frames.shape[:2]
-        if mask is None:
-            emb = self({"image": frames.flatten(0, 1)})["image"]
-            return F.normalize(emb.view(b, t, -1).mean(dim=1), dim=-1)
-        mask = mask.to(frames.device)
-        real = self({"image": frames[mask]})["image"]  # (real frames, dim)
-        owner = torch.arange(b, device=frames.device).repeat_interleave(mask.sum(1))
-        sums = real.new_zeros(b, real.shape[1]).index_add_(0, owner, real)
-        return F.normalize(sums / mask.sum(1, keepdim=True).clamp_min(1), dim=-1)
+        """Video clips (batch, time, 3, H, W) -> (batch, dim) through the image side (see
+        encoders/video.py): frame embeddings averaged, then re-normalised."""
+        return encode_video(self, frames, mask)
 
     @torch.inference_mode()
     def encode(
@@ -136,17 +125,6 @@ class Encoder(nn.Module):
         """Eval mode and no gradients: encoders are never trained here."""
         self.requires_grad_(False)
         return self.eval()
-
-
-def pad_frames(clips: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Clips (t_i, 3, H, W) -> (batch, max t, 3, H, W) zero-padded, and a (batch, max t) mask."""
-    t = max(len(c) for c in clips)
-    out = clips[0].new_zeros((len(clips), t, *clips[0].shape[1:]))
-    mask = torch.zeros(len(clips), t, dtype=torch.bool)
-    for i, c in enumerate(clips):
-        out[i, : len(c)] = c
-        mask[i, : len(c)] = True
-    return out, mask
 
 
 def to_device(batch: Any, device: torch.device) -> Any:

@@ -18,6 +18,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from encoders.video import frame_indices
+
 EXTENSIONS = {
     "image": (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"),
     "audio": (".wav", ".flac", ".ogg", ".mp3", ".aiff", ".aif"),
@@ -30,20 +32,6 @@ FRAME_SIZE_POLICIES = ("resize", "raise")
 
 class RawDataError(ValueError):
     """A raw item or list is unreadable or malformed; the message names the file."""
-
-
-def frame_indices(total: int, frames: int, stride: int | None = None) -> np.ndarray:
-    """Which of `total` frames to embed: `frames` spread evenly (the centre of each equal
-    segment), or with a `stride` every stride-th frame from the first, at most `frames`."""
-    if total < 1:
-        raise RawDataError("a video with no frames")
-    if frames < 1:
-        raise ValueError(f"frames is {frames}; expected at least 1")
-    if stride:
-        if stride < 1:
-            raise ValueError(f"stride is {stride}; expected at least 1")
-        return np.arange(0, total, int(stride), dtype=np.int64)[:frames]
-    return np.minimum(((np.arange(frames) + 0.5) * total / frames).astype(np.int64), total - 1)
 
 
 def load_image(path: str):

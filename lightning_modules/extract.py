@@ -13,7 +13,6 @@ in module by module. Precomputed spaces (Uni3D, WavCaps, ImageBind) are imported
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -28,16 +27,16 @@ import torch
 from lightning.pytorch.callbacks import BasePredictionWriter, TQDMProgressBar
 from omegaconf import DictConfig
 
-from datamodules.cache import CacheError, cache_dir
+from datamodules.cache import CacheError
 from datamodules.demo_raw import ensure_demo_raw
 from datamodules.extraction import RawDataModule
-from datamodules.items import list_items
 from datamodules.jobs import ExtractJob
 from encoders import build_encoder, build_processor, encoder_class
 from encoders.base import Encoder
 from encoders.precomputed import DumpError
 from encoders.readers import LoadSettings
 from lightning_modules.common import make_trainer, to_plain
+from lightning_modules.extract_plan import plan, write_manifests
 
 log = logging.getLogger(__name__)
 UNIT_TOLERANCE = 1e-2  # |norm - 1| allowed after the encoder's own precision (bf16 included)
@@ -190,46 +189,6 @@ class ItemsProgressBar(TQDMProgressBar):
             bar.refresh()
 
 
-def fingerprint(**parts: Any) -> str:
-    """A short hash of everything that decides a cache's contents."""
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def plan(cfg: DictConfig) -> list[ExtractJob]:
-    """One job per (dataset, modality) of the data config that the space embeds."""
-    data, space, ex = cfg.data, cfg.space, cfg.extract
-    encoder_cfg, dims = to_plain(space.encoder), dict(space.dims)
-    datasets = to_plain(data.datasets)
-    chosen = list(ex.datasets) if ex.get("datasets") else list(datasets)
-    unknown = sorted(set(chosen) - set(datasets))
-    if unknown:
-        raise ValueError(
-            f"extract.datasets names {unknown}; data {data.name!r} has {sorted(datasets)}"
-        )
-    settings = to_plain(data.get("load", {}))
-    jobs = []
-    for dataset in chosen:
-        for modality, spec in datasets[dataset].items():
-            if modality not in dims or (ex.get("modalities") and modality not in ex.modalities):
-                continue
-            items = list_items(modality, spec, f"data.datasets.{dataset}.{modality}")
-            fp = fingerprint(space=space.name, dim=dims[modality], encoder=encoder_cfg,
-                             modality=modality, dataset=dataset, items=items.digest(),
-                             load=settings, frames=spec.get("frames"),
-                             shard_size=ex.shard_size, dtype=ex.dtype)  # fmt: skip
-            jobs.append(ExtractJob(
-                dataset, modality, items, cache_dir(data.root, dataset, space.name, modality),
-                space.name, dims[modality], fp, int(ex.shard_size), ex.dtype, spec.get("frames"),
-                meta=dict(source=f"extract: {data.name}", encoder=encoder_cfg),
-            ))  # fmt: skip
-    if not jobs:
-        raise ValueError(
-            f"nothing to extract: space {space.name!r} embeds {sorted(dims)}, and data "
-            f"{data.name!r} has no such modality in {chosen}"
-        )
-    return jobs
-
-
 def import_precomputed(cfg: DictConfig, jobs: list[ExtractJob]) -> list[dict]:
     """Precomputed spaces: copy the dumped rows of every item into the cache, in item order."""
     encoder_cfg, dims = to_plain(cfg.space.encoder), dict(cfg.space.dims)
@@ -275,7 +234,9 @@ def run(cfg: DictConfig) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # DataLoader workers fork
     if data.get("generate") == "demo":
         ensure_demo_raw(data.source, seed=data.seed)
-    jobs = plan(cfg)
+    jobs = plan(cfg)  # reads and checks every item list before any cache is touched
+    for path in write_manifests(cfg):
+        log.info("benchmark manifest for the evaluate stage: %s", path)
     if not cfg.extract.overwrite and all(job.is_complete() for job in jobs):
         log.info("every cache of %s for %s is already extracted", cfg.space.name, data.name)
         return 0

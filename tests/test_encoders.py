@@ -15,7 +15,8 @@ from datamodules.demo_raw import ensure_demo_raw
 from datamodules.items import list_items
 from encoders import build_encoder, build_processor
 from encoders.precomputed import DumpError, PrecomputedEncoder, load_dump, match_rows
-from encoders.readers import frame_indices, load_audio, load_image
+from encoders.readers import load_audio, load_image
+from encoders.video import frame_indices
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +39,7 @@ def test_open_clip_encoder_matches_open_clip_reference(tiny_clip, demo: Path) ->
     import open_clip
 
     encoder, enc_cfg = tiny_clip
-    paths = list_items("image", {"source": demo / "images"}).sources
+    paths = list_items("image", {"source": demo / "pool" / "images"}).sources[:8]
     images = [load_image(p) for p in paths]
     texts = ["a cat", "a rocket on its launch pad", "galaxies"]
     ours = encoder.encode({"image": images, "text": texts})
@@ -155,7 +156,7 @@ def test_clap_encoder_matches_laion_clap_reference(tiny_clap, demo: Path) -> Non
 
     encoder, _, _ = tiny_clap
     model = encoder.model
-    sources = list_items("audio", {"source": demo / "audio"}).sources
+    sources = list_items("audio", {"source": demo / "pool" / "audio"}).sources
     waves = [load_audio(p, 48000, 480000) for p in sources[:2]]
     texts = ["a bell rings", "white noise"]
     ours = encoder.encode({"audio": waves, "text": texts})

@@ -17,8 +17,8 @@ from conftest import REPO, compose_config
 from omegaconf import OmegaConf
 
 from datamodules.cache import CacheError, EmbeddingCache, cache_dir
-from datamodules.demo_raw import AUDIO, IMAGES, SHAPES, ensure_demo_raw, write_ply
-from datamodules.extraction import LoadSettings, RawDataModule, RawDataset
+from datamodules.demo_raw import CLASSES, COUNTS, ensure_demo_raw, write_ply
+from datamodules.extraction import RawDataModule, RawDataset
 from datamodules.items import Items, RawDataError, list_items
 from datamodules.jobs import ExtractJob
 from encoders import build_encoder
@@ -26,15 +26,17 @@ from encoders.base import Processor
 from encoders.modalities import PROVENANCES
 from encoders.openclip import OpenClipEncoder
 from encoders.readers import (
+    LoadSettings,
     fit_length,
     load_audio,
     load_frames,
-    load_image,
     load_points,
     read_ply,
 )
 from lightning_modules.extract import ExtractModule, read_errors, run
 
+POOL = {m: n * len(CLASSES) for m, n in COUNTS["pool"].items()}  # items per pool modality
+POOL["text"] = POOL["image"] + POOL["audio"] + POOL["point"]  # a caption per pool item
 BASE = ("stage=extract", "space=tiny_clip", "data=demo_raw", "trainer=cpu", "logger=none",
         "extract.num_workers=0")  # fmt: skip
 
@@ -62,32 +64,29 @@ def encoder_of(cfg):
 
 
 def test_extract_tiny_clip_fills_every_cache(tmp_path: Path, demo: Path) -> None:
-    cfg = extract_cfg(tmp_path, demo, "extract.num_workers=2", "extract.batch_size=3")
+    cfg = extract_cfg(tmp_path, demo, "extract.num_workers=2", "extract.batch_size=7")
     from train import train
 
     train(cfg)
     encoder = encoder_of(cfg)
     image, text, video = (open_cache(cfg, "pool", "image"), open_cache(cfg, "pool", "text"),
-                          open_cache(cfg, "video_demo", "image"))  # fmt: skip
-    assert (image.count, text.count, video.count) == (
-        len(IMAGES),
-        len(IMAGES) + len(AUDIO) + len(SHAPES),
-        2,
-    )
+                          open_cache(cfg, "video", "image"))  # fmt: skip
+    assert (image.count, text.count, video.count) == (POOL["image"], POOL["text"], 12)
     assert image.manifest["errors"] == 0 and image.manifest["dtype"] == "float16"
-    np.testing.assert_array_equal(image.ids, np.arange(len(IMAGES)))
+    np.testing.assert_array_equal(image.ids, np.arange(POOL["image"]))
     # The cached rows are the encoder's embeddings of the same files (float16 in the cache).
-    items = list_items("image", {"source": demo / "images"})
-    expected = encoder.encode({"image": [load_image(p) for p in items.sources]})["image"]
+    items = list_items("image", {"source": demo / "pool" / "images"})
+    expected = encoder.encode({"image": items.sources})["image"]
     np.testing.assert_allclose(image.load(), expected.numpy(), atol=2e-3)
     np.testing.assert_allclose(np.linalg.norm(text.load(), axis=1), 1.0, atol=2e-3)
-    records = [json.loads(line) for line in (demo / "captions.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in (demo / "pool/captions.jsonl").read_text().splitlines()]
     assert text.extra("provenance").tolist() == [
         PROVENANCES.index(r["provenance"]) for r in records
     ]
     assert text.has("labels") and not image.has("labels")
-    # Video: 4 frames per clip through the image encoder, averaged.
+    # Video: 4 frames per clip (frame folders, .npy and .mp4) through the image side, averaged.
     vids = list_items("image", {"source": demo / "videos", "frames": 4})
+    assert {Path(s).suffix for s in vids.sources} == {"", ".npy", ".mp4"}
     prepare = encoder.processor.item
     frames = torch.stack(
         [torch.stack([prepare("image", f) for f in load_frames(s, 4)]) for s in vids.sources]
@@ -95,6 +94,22 @@ def test_extract_tiny_clip_fills_every_cache(tmp_path: Path, demo: Path) -> None
     with torch.no_grad():
         np.testing.assert_allclose(video.load(), encoder.embed_video(frames).numpy(), atol=2e-3)
     assert json.loads((image.directory / "items.json").read_text())["keys"] == items.keys
+    # Captions of several per item (COCO / MSR-VTT style): `item` is the row of the item shown.
+    for dataset, n_captions in (("test", 5), ("video", 3)):
+        items_cache, captions = open_cache(cfg, dataset, "image"), open_cache(cfg, dataset, "text")
+        keys = json.loads((items_cache.directory / "items.json").read_text())["keys"]
+        shown = [keys[i] for i in captions.extra("item")]
+        assert captions.count == n_captions * items_cache.count
+        caption_keys = json.loads((captions.directory / "items.json").read_text())["keys"]
+        assert all(c.rsplit("/", 1)[0] == k for c, k in zip(caption_keys, shown, strict=True))
+    # Zero-shot prompts: classes x templates, class-major, with the class index as `label`.
+    prompts = open_cache(cfg, "demo_image_cls_prompts", "text")
+    assert prompts.count == 2 * len(CLASSES)
+    assert prompts.extra("label").tolist() == np.repeat(np.arange(len(CLASSES)), 2).tolist()
+    expected = encoder.encode({"text": [f"a drawing of a {CLASSES[0]}."]})["text"]
+    np.testing.assert_allclose(prompts.load()[1], expected[0].numpy(), atol=2e-3)
+    manifest = json.loads((Path(cfg.data.root) / "benchmarks.json").read_text())
+    assert manifest["root"] == "." and manifest["zeroshot"][0]["classes"] == CLASSES
 
 
 def test_resume_skips_finished_shards(tmp_path: Path, demo: Path, monkeypatch) -> None:
@@ -103,7 +118,7 @@ def test_resume_skips_finished_shards(tmp_path: Path, demo: Path, monkeypatch) -
     run(cfg)
     d = cache_dir(cfg.data.root, "pool", "tiny_clip", "image")
     first = open_cache(cfg, "pool", "image").load()
-    assert len(list(d.glob("shard_*.emb.npy"))) == 3  # 8 images in chunks of 3
+    assert len(list(d.glob("shard_*.emb.npy"))) == POOL["image"] // 3  # in chunks of 3
     # A crash after chunks 0 and 2 were written: no manifest, chunk 1's shard incomplete.
     (d / "manifest.json").unlink()
     (d / "shard_000001_00000.emb.npy").unlink()
@@ -128,7 +143,7 @@ def test_resume_skips_finished_shards(tmp_path: Path, demo: Path, monkeypatch) -
         run(other)
     run(extract_cfg(tmp_path, demo, "extract.shard_size=4", "extract.datasets=[pool]",
                     "extract.overwrite=true"))  # fmt: skip
-    assert len(list(d.glob("shard_*.emb.npy"))) == 2
+    assert len(list(d.glob("shard_*.emb.npy"))) == POOL["image"] // 4
     # Batches of 64 here, of 2 before: another BLAS path may round differently (one float16 ulp
     # on an AMD EPYC), so compare within float16 rounding (ulp 2**-11 near 1) rather than bits.
     np.testing.assert_allclose(open_cache(cfg, "pool", "image").load(), first, atol=2e-3, rtol=0)
@@ -138,9 +153,9 @@ def bad_image_set(root: Path, demo: Path) -> Path:
     """Three good images, a truncated PNG, an empty file and a text file named .jpg."""
     src = root / "images"
     src.mkdir(parents=True)
-    for name in ("astronaut.png", "coffee.png", "coins.png"):
-        shutil.copy(demo / "images" / name, src / name)
-    data = (demo / "images" / "rocket.jpg").read_bytes()
+    for name in ("ball_00.png", "ball_02.png", "box_00.png"):
+        shutil.copy(demo / "pool" / "images" / name, src / name)
+    data = (demo / "pool" / "images" / "ball_01.jpg").read_bytes()
     (src / "broken.jpg").write_bytes(data[: len(data) // 3])
     (src / "empty.png").write_bytes(b"")
     (src / "notes.jpg").write_text("not an image")
@@ -154,8 +169,8 @@ def test_bad_images_are_skipped_and_listed_or_stop_the_run(tmp_path: Path, demo:
     cfg = extract_cfg(tmp_path, demo, *data)
     run(cfg)
     cache = open_cache(cfg, "bad", "image")
-    keys = list_items("image", {"source": src}).keys  # sorted: astronaut broken coffee coins ...
-    good = [i for i, k in enumerate(keys) if k in ("astronaut", "coffee", "coins")]
+    keys = list_items("image", {"source": src}).keys  # sorted: ball_00 ball_02 box_00 broken ...
+    good = [i for i, k in enumerate(keys) if k in ("ball_00", "ball_02", "box_00")]
     assert cache.ids.tolist() == good
     errors = read_errors(cache.directory)
     assert [e["key"] for e in errors] == ["broken", "empty", "notes"]
@@ -168,6 +183,79 @@ def test_bad_images_are_skipped_and_listed_or_stop_the_run(tmp_path: Path, demo:
     strict = extract_cfg(tmp_path / "strict", demo, *data, "extract.on_error=raise",
                          "extract.num_workers=1")  # fmt: skip
     with pytest.raises(RawDataError, match="broken.jpg: unreadable image"):
+        run(strict)
+
+
+def test_bad_data_config_stops_before_any_cache_is_touched(tmp_path: Path, demo: Path) -> None:
+    """A missing folder, repeated ids, captions without provenance, a manifest naming classes
+    with no templates: each stops the run naming the file, and a finished cache is kept."""
+    src = tmp_path / "few"
+    src.mkdir()
+    for name in ("ball_00.png", "box_00.png"):
+        shutil.copy(demo / "pool" / "images" / name, src / name)
+    good = [f"+data.datasets.few={{image: {{source: '{src}'}}}}", "extract.datasets=[few]",
+            "data.benchmarks=[]"]  # fmt: skip
+    run(extract_cfg(tmp_path, demo, *good))
+    cache = cache_dir(extract_cfg(tmp_path, demo, *good).data.root, "few", "tiny_clip", "image")
+    before = {p.name: p.read_bytes() for p in cache.iterdir() if p.is_file()}
+    (tmp_path / "dup.csv").write_text("path,id\nfew/ball_00.png,a\nfew/box_00.png,a\n")
+    (tmp_path / "caps.jsonl").write_text('{"text": "a ball"}\n')
+    manifest = tmp_path / "bench.json"
+    entry = {"name": "z", "dataset": "few", "modality": "video", "classes": ["ball", "box"]}
+    manifest.write_text(json.dumps({"zeroshot": [entry]}))
+    bad = {
+        "source folder .*nope does not exist": f"{{image: {{source: '{tmp_path / 'nope'}'}}}}",
+        "dup.csv has duplicate item key 'a'": f"{{image: {{source: '{tmp_path / 'dup.csv'}'}}}}",
+        "caps.jsonl: row 0 has no provenance": f"{{text: {{source: '{tmp_path / 'caps.jsonl'}'}}}}",
+    }
+    for message, spec in bad.items():
+        cfg = extract_cfg(tmp_path, demo, *good, f"+data.datasets.bad={spec}",
+                          "extract.datasets=[few,bad]", "extract.overwrite=true")  # fmt: skip
+        with pytest.raises(RawDataError, match=f"data.datasets.bad.*{message}"):
+            run(cfg)
+    # No default templates for video: the manifest's entry names classes and nothing to fill.
+    cfg = extract_cfg(tmp_path, demo, *good[:2], f"data.benchmarks=[{manifest}]",
+                      "extract.overwrite=true")  # fmt: skip
+    with pytest.raises(ValueError, match=f"{manifest}: zeroshot.0. .z. names classes but no temp"):
+        run(cfg)
+    # Entries without templates take evaluate.templates.<modality>.
+    manifest.write_text(json.dumps({"zeroshot": [{**entry, "modality": "image"}]}))
+    assert {p.name: p.read_bytes() for p in cache.iterdir() if p.is_file()} == before
+    run(extract_cfg(tmp_path, demo, *good[:2], f"data.benchmarks=[{manifest}]",
+                    "evaluate.templates.image=['a {}.']"))  # fmt: skip
+    prompts = open_cache(extract_cfg(tmp_path, demo, *good), "z_prompts", "text")
+    assert prompts.count == 2 and prompts.extra("label").tolist() == [0, 1]
+
+
+def test_videos_sampling_odd_frames_and_unreadable_clips(tmp_path: Path, demo: Path) -> None:
+    from PIL import Image
+
+    clips = tmp_path / "clips"
+    odd = clips / "odd"
+    odd.mkdir(parents=True)
+    for t in range(6):  # frame 4 is larger than its siblings
+        Image.new("RGB", (40, 40) if t != 4 else (48, 40), (40 * t, 0, 0)).save(odd / f"{t}.png")
+    (clips / "empty").mkdir()
+    (clips / "broken.mp4").write_bytes(b"not a video")
+    resized = load_frames(str(odd), 3, stride=2)  # frames 0, 2, 4
+    assert [f.size for f in resized] == [(40, 40)] * 3
+    assert resized[2].getpixel((5, 5))[0] == 160  # frame 4, resized
+    with pytest.raises(RawDataError, match="frame 4 is 48x40"):
+        load_frames(str(odd), 3, stride=2, frame_size="raise")
+    assert len(load_frames(str(odd), 8, stride=4)) == 2  # a short clip gives fewer frames
+    data = [f"+data.datasets.clips={{image: {{source: '{clips}', frames: 3, stride: 2}}}}",
+            "extract.datasets=[clips]", "data.benchmarks=[]"]  # fmt: skip
+    cfg = extract_cfg(tmp_path, demo, *data)
+    run(cfg)
+    cache = open_cache(cfg, "clips", "image")
+    keys = list_items("image", {"source": clips, "frames": 3}).keys  # broken empty odd
+    assert cache.ids.tolist() == [keys.index("odd")]
+    assert [e["key"] for e in read_errors(cache.directory)] == ["broken", "empty"]
+    encoder = encoder_of(cfg)
+    expected = encoder.encode({"video": [odd]}, LoadSettings(frames=3, stride=2))["video"]
+    np.testing.assert_allclose(cache.load(), expected.numpy(), atol=2e-3)
+    strict = extract_cfg(tmp_path / "strict", demo, *data, "extract.on_error=raise")
+    with pytest.raises(RawDataError, match="broken.mp4: unreadable image .*undecodable video"):
         run(strict)
 
 
@@ -282,7 +370,7 @@ def test_point_clouds_from_npy_and_ply(tmp_path: Path) -> None:
 
 
 def test_precomputed_space_is_imported_row_aligned(tmp_path: Path, demo: Path) -> None:
-    keys = list_items("point", {"source": demo / "points"}).keys
+    keys = list_items("point", {"source": demo / "pool" / "points"}).keys
     dump = tmp_path / "uni3d_dump" / "pool"
     dump.mkdir(parents=True)
     emb = np.random.default_rng(1).standard_normal((len(keys), 1024)).astype(np.float32)
@@ -298,7 +386,8 @@ def test_precomputed_space_is_imported_row_aligned(tmp_path: Path, demo: Path) -
     np.testing.assert_allclose(cache.load(), unit, atol=2e-3)
     assert [e["key"] for e in read_errors(cache.directory)] == [keys[0]]
     strict = extract_cfg(tmp_path / "s", demo, "space=uni3d", f"space.encoder.path={dump.parent}",
-                         "extract.modalities=[point]", "extract.on_error=raise")  # fmt: skip
+                         "extract.modalities=[point]", "extract.on_error=raise",
+                         "extract.datasets=[pool]")  # fmt: skip
     with pytest.raises(ValueError, match=f"'{keys[0]}' missing from the precomputed dump"):
         run(strict)
 
@@ -401,15 +490,11 @@ def test_tiny_clap_extracts_the_demo_audio_and_text(tmp_path: Path, demo: Path) 
     cfg = extract_cfg(tmp_path, demo, "space=tiny_clap", "extract.datasets=[pool]")
     run(cfg)
     audio, text = open_cache(cfg, "pool", "audio"), open_cache(cfg, "pool", "text")
-    assert (audio.count, audio.dim, text.count) == (
-        len(AUDIO),
-        512,
-        len(IMAGES) + len(AUDIO) + len(SHAPES),
-    )
+    assert (audio.count, audio.dim, text.count) == (POOL["audio"], 512, POOL["text"])
     encoder = encoder_of(cfg)
     waves = [
         load_audio(s, 48000, 480000)
-        for s in list_items("audio", {"source": demo / "audio"}).sources
+        for s in list_items("audio", {"source": demo / "pool" / "audio"}).sources
     ]
     np.testing.assert_allclose(
         audio.load(), encoder.encode({"audio": waves})["audio"].numpy(), atol=2e-3
