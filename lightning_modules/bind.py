@@ -17,7 +17,13 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torchmetrics import MeanMetric
 
-from datamodules.cache import CacheError, atomic_write, atomic_write_json, sha256_file
+from datamodules.artifacts import (
+    CacheError,
+    atomic_write,
+    atomic_write_json,
+    sha256_file,
+    verify_file,
+)
 from encoders.modalities import LETTERS, MODALITIES, PAIRS
 from lightning_modules.config import ensure_data, pairs_source, tuples_path
 from lightning_modules.losses import info_nce
@@ -219,8 +225,9 @@ def load_bound_space(directory: str | Path) -> tuple[ProjectorMixture, dict]:
     except (ValueError, KeyError, TypeError, StopIteration, AttributeError) as e:
         raise CacheError(f"{meta_path}: not a valid bound-space description ({e!r})") from e
     weights = directory / EXPORT_WEIGHTS
-    if "sha256" in meta and weights.exists() and sha256_file(weights) != meta["sha256"]:
-        raise CacheError(f"{weights}: sha256 does not match {EXPORT_META} (corrupt or replaced)")
+    if "sha256" in meta and weights.exists():
+        verify_file(weights, meta["sha256"], recorded_in=meta_path,
+                    repair=f"rerun stage=bind space={meta.get('space')} to rewrite it")  # fmt: skip
     try:
         mixture.load_state_dict(load_file(str(weights)), strict=True)
     except (RuntimeError, OSError, SafetensorError) as e:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.resources
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -11,7 +12,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from datamodules.world import ensure_world
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+CONF_DIR = Path(str(importlib.resources.files("conf")))  # the installed package's config tree
 
 
 def space_configs(names: Iterable[str]) -> dict[str, DictConfig]:

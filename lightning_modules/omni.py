@@ -12,7 +12,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from datamodules.cache import CacheError, EmbeddingCache, atomic_write, atomic_write_json, cache_dir
+from datamodules.artifacts import atomic_write, atomic_write_json, sha256_file, verify_file
+from datamodules.cache import CacheError, EmbeddingCache, cache_dir
 from encoders.modalities import MODALITIES, PROVENANCES
 from lightning_modules.models import ProjectorMixture, Router
 
@@ -97,6 +98,13 @@ class OmniModel(nn.Module):
         if not meta_path.exists():
             raise CacheError(f"{directory}: no omni export here ({EXPORT_META} missing)")
         meta = json.loads(meta_path.read_text())
+        if "sha256" in meta:  # exports written before digests were recorded have none
+            verify_file(
+                directory / EXPORT_WEIGHTS,
+                meta["sha256"],
+                recorded_in=meta_path,
+                repair="rerun the stage that wrote it (stage=route or stage=convert)",
+            )
         model = cls(meta, meta.get("kind", "routed"))
         try:
             model.load_state_dict(load_file(str(directory / EXPORT_WEIGHTS)), strict=True)
@@ -115,7 +123,8 @@ class OmniModel(nn.Module):
         save_file(tensors, str(tmp))
         atomic_write(directory / EXPORT_WEIGHTS, lambda f: f.write(tmp.read_bytes()))
         tmp.unlink()
-        atomic_write_json(directory / EXPORT_META, self.meta)
+        digest = sha256_file(directory / EXPORT_WEIGHTS)  # replaces a loaded export's, if any
+        atomic_write_json(directory / EXPORT_META, {**self.meta, "sha256": digest})
         return directory
 
     def group(self, name: str, inputs: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -1,26 +1,30 @@
 """The main job: pair -> bind (every space of the variant) -> route -> evaluate.
 
-A stage whose outputs exist, load, and were made by the same configuration is skipped unless
-force=true; a changed configuration reruns it.
+A stage is skipped when its output exists, loads, is the very output the pipeline stamped, and
+was made from the same configuration AND the same input artifacts (the tuple table, the bound
+spaces' weights); force=true redoes everything. So editing a space's config, rebinding a space
+by hand or replacing the tuple table reruns exactly what depends on it.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from datamodules.cache import CacheError, atomic_write_json
+from datamodules.artifacts import atomic_write_json, file_sha256, fingerprint
+from datamodules.cache import CacheError
 from datamodules.tuples import load_tuples
 from lightning_modules import bind, evaluate, pair, route
-from lightning_modules.common import pairs_source, space_configs, to_plain
+from lightning_modules.config import pairs_source, to_plain
+from lightning_modules.omni import EXPORT_WEIGHTS as OMNI_WEIGHTS
 from lightning_modules.omni import OmniModel
 
 log = logging.getLogger(__name__)
-STAMP = "pipeline_config.json"  # beside each stage's output: the config that made it
+STAMP = "pipeline_config.json"  # beside each stage's output: what made it, and what it was
 
 
 def _sub(cfg: DictConfig, **changes) -> DictConfig:
@@ -32,65 +36,83 @@ def _sub(cfg: DictConfig, **changes) -> DictConfig:
     return sub
 
 
-def _digest(cfg: DictConfig, keys: list[str]) -> str:
-    """A hash of the resolved config sections that decide a stage's output."""
+def _digest(cfg: DictConfig, keys: list[str], **inputs: str) -> str:
+    """A hash of the resolved config sections that decide a stage's output and of the digests
+    of the artifacts it reads."""
     plain = {k: to_plain(OmegaConf.select(cfg, k)) for k in keys}
-    return hashlib.sha256(json.dumps(plain, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return fingerprint({"config": plain, "inputs": inputs})
 
 
-def _fresh(directory: Path, digest: str, check) -> bool:
-    """True when `directory` holds a valid output (check() passes) made with this digest."""
+def _fresh(directory: Path, digest: str, output: Callable[[], str], check) -> bool:
+    """True when `directory` holds a valid output (check() passes) that this pipeline stamped
+    (its digest is the stamped one) and that was made with this digest."""
     stamp = directory / STAMP
     if not stamp.exists():
         return False
-    if json.loads(stamp.read_text()).get("digest") != digest:
-        log.info("pipeline: %s was made with another configuration; redoing it", directory)
+    stamped = json.loads(stamp.read_text())
+    if stamped.get("digest") != digest:
+        log.info("pipeline: %s was made from another config or other inputs; redoing", directory)
         return False
     try:
         check()
+        if stamped.get("output") != output():
+            log.info("pipeline: %s changed since the pipeline made it; redoing it", directory)
+            return False
     except (CacheError, OSError, ValueError) as e:
         log.warning("pipeline: %s is invalid (%s); redoing it", directory, e)
         return False
     return True
 
 
-def _step(cfg: DictConfig, name: str, directory: Path, digest: str, check, run) -> None:
-    """Run one stage unless its output is fresh; stamp the output with the config digest."""
-    if not cfg.force and _fresh(directory, digest, check):
+def _step(
+    cfg: DictConfig, name: str, directory: Path, digest: str, output: Callable[[], str], check, run
+) -> str:
+    """Run one stage unless its output is fresh; stamp the output. Returns the output's digest,
+    which the stages downstream fold into their own digests."""
+    if not cfg.force and _fresh(directory, digest, output, check):
         log.info("pipeline: %s is done (%s); skipping", name, directory)
-        return
+        return output()
     log.info("pipeline: running %s", name)
     run()
-    atomic_write_json(directory / STAMP, {"digest": digest, "stage": name})
+    made = output()
+    atomic_write_json(directory / STAMP, {"digest": digest, "stage": name, "output": made})
+    return made
 
 
 def run(cfg: DictConfig) -> float | None:
     """Run every stage for `cfg.variant`; returns the routed model's mean R@1 on the test sets."""
     data_keys = ["data", "anchor", "seed"]
-    if "pseudo" in (pairs_source(cfg, cfg.bind.pairs), pairs_source(cfg, cfg.route.pairs)):
+    sources = {pairs_source(cfg, cfg.bind.pairs), pairs_source(cfg, cfg.route.pairs)}
+    tuples = "oracle" if sources == {"oracle"} else None
+    if "pseudo" in sources:
         out = Path(cfg.pair.output)
-        _step(
+        tuples = _step(
             cfg,
             "pair",
             out.parent,
             _digest(cfg, [*data_keys, "pair"]),
+            lambda: file_sha256(out),
             lambda: load_tuples(out),
             lambda: pair.run(_sub(cfg, run_name="pair")),
         )
-    pairs_digest = _digest(cfg, [*data_keys, "pair", "bind.pairs", "route.pairs"])
-    for name, space in space_configs(cfg.variant.spaces).items():
+    spaces = dict(cfg.variant.spaces)
+    bound = {}
+    for name, space in spaces.items():
         sub = _sub(cfg, space=space, run_name=f"bind-{name}")
-        sub.bind.export_dir = str(Path(cfg.route.bound_dir) / name)
-        digest = _digest(sub, [*data_keys, "space", "bind", "loss.temperature", "loss.weights"])
-        _step(
+        directory = Path(cfg.route.bound_dir) / name
+        sub.bind.export_dir = str(directory)
+        keys = [*data_keys, "space", "bind", "model.bind", "loss.temperature", "loss.weights"]
+        bound[name] = _step(
             cfg,
             f"bind {name}",
-            Path(sub.bind.export_dir),
-            digest + pairs_digest,
-            lambda d=sub.bind.export_dir: bind.load_bound_space(d),
+            directory,
+            _digest(sub, keys, tuples=str(tuples)),
+            lambda d=directory: file_sha256(d / bind.EXPORT_WEIGHTS),
+            lambda d=directory: bind.load_bound_space(d),
             lambda s=sub: bind.run(s),
         )
-    bound_digest = _digest(cfg, [*data_keys, "variant", "bind", "loss"]) + pairs_digest
+    # The route reads the spaces' own configs too (text specialty, dims): they are inputs.
+    inputs = dict(tuples=str(tuples), bound=bound, spaces=to_plain(spaces))
     exports = {}
     for name, overrides in cfg.pipeline.routes.items():
         changes = {
@@ -100,12 +122,12 @@ def run(cfg: DictConfig) -> float | None:
         }
         sub = _sub(cfg, **changes)
         exports[name] = Path(sub.route.export_dir)
-        digest = _digest(sub, ["route", "loss"]) + bound_digest
         _step(
             cfg,
             f"route {name}",
             exports[name],
-            digest,
+            _digest(sub, [*data_keys, "variant", "route", "model.route", "loss"], **inputs),
+            lambda d=exports[name]: file_sha256(d / OMNI_WEIGHTS),
             lambda d=exports[name]: OmniModel.load(d),
             lambda s=sub: route.run(s),
         )

@@ -7,7 +7,6 @@ them like any other cache: only the routers train.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from pathlib import Path
 
@@ -19,6 +18,7 @@ import torch
 from omegaconf import DictConfig
 from torchmetrics import MeanMetric
 
+from datamodules.artifacts import file_sha256
 from datamodules.cache import CacheError, CacheWriter, EmbeddingCache, cache_dir, read_manifest
 from encoders.modalities import MODALITIES, PAIRS, PROVENANCES
 from lightning_modules.bind import EXPORT_WEIGHTS, load_bound_space
@@ -37,9 +37,8 @@ def variant_layout(cfg: DictConfig) -> dict:
     """Groups, predictors, dims and specialties of the variant, from the space configs."""
     names = list(cfg.variant.spaces)
     anchor = cfg.anchor
-    spaces = space_configs(
-        dict.fromkeys(names + [p for ps in cfg.variant.predictors.values() for p in ps])
-    )
+    others = [p for ps in cfg.variant.predictors.values() for p in ps if p not in names]
+    spaces = {**cfg.variant.spaces, **space_configs(dict.fromkeys(others))}
     groups = {}
     for m in MODALITIES:
         g = [s for s in names if m in spaces[s].dims]
@@ -101,7 +100,7 @@ def ensure_projected(
         if not src.exists():
             continue
         source = EmbeddingCache(src)
-        weights = hashlib.sha256((bound_dir / name / EXPORT_WEIGHTS).read_bytes()).hexdigest()[:16]
+        weights = file_sha256(bound_dir / name / EXPORT_WEIGHTS)[:16]
         fp = f"{weights}-{source.fingerprint}"
         out = cache_dir(proj_root, dataset, name + PROJECTED, modality)
         manifest = read_manifest(out) if out.exists() else None

@@ -20,7 +20,6 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
-from lightning.pytorch.strategies.launchers import _SubprocessScriptLauncher
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig
 
@@ -142,7 +141,9 @@ def make_trainer(cfg: DictConfig, epochs: int, callbacks: list, logger=None) -> 
         use_distributed_sampler=False,  # our samplers shard by rank themselves
     )
     multirun = HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
-    if multirun and isinstance(trainer.strategy.launcher, _SubprocessScriptLauncher):
+    environment = getattr(trainer.strategy, "cluster_environment", None)
+    launches = environment is not None and not environment.creates_processes_externally
+    if multirun and trainer.world_size > 1 and launches:
         # Lightning starts the other ranks by rerunning sys.argv: with -m, the whole sweep.
         raise ValueError(
             f"trainer.strategy={cfg.trainer.get('strategy')} on {trainer.world_size} processes "

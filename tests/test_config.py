@@ -14,7 +14,9 @@ from encoders.modalities import MODALITIES, PROVENANCES
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 # conf/sweep holds W&B sweep configs (their ${args} are W&B macros), not a Hydra group.
-GROUPS = sorted(p.name for p in CONF_DIR.iterdir() if p.is_dir() and p.name != "sweep")
+GROUPS = sorted(
+    p.name for p in CONF_DIR.iterdir() if p.is_dir() and p.name not in ("sweep", "__pycache__")
+)
 CHOICES = [(g, p.stem) for g in GROUPS for p in sorted((CONF_DIR / g).glob("*.yaml"))]
 SPACES = sorted(p.stem for p in (CONF_DIR / "space").glob("*.yaml"))
 # Groups that config.yaml's defaults list names (`optional group@package: value` -> group).

@@ -41,8 +41,7 @@ BIND = ("stage=bind", "space=clap", "bind.hidden_dim=64", "bind.batch_size=256")
 SWEEPS = sorted((CONF_DIR / "sweep").glob("*.yaml"))
 # The route sweep on the session's world: its three source spaces stand in for variant=base.
 WORLD_VARIANT = (
-    "variant.spaces=[clap,imagebind,uni3d]",
-    "variant.predictors={audio:[clap],image:[imagebind],point:[uni3d],text:[clap,imagebind,uni3d]}",
+    "variant=small",
 )
 
 
