@@ -170,7 +170,7 @@ class RouteModule(L.LightningModule):
         if hp.lambda_dec and "text" in out.logits:
             specialty = [meta["specialty"][g] for g in meta["groups"]["text"]]
             labels = specialty_labels(batch["provenance"], specialty)
-            dec = decoupling_loss(torch.sigmoid(out.logits["text"]), labels)
+            dec = decoupling_loss(out.logits["text"], labels)
             self.log("train/loss_dec", dec, on_step=False, on_epoch=True)
             loss = loss + hp.lambda_dec * dec
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True)
