@@ -69,7 +69,7 @@ def config(out: Path, images: Path, batch_size: int, workers: int):
         "space.dims={image: 512, text: 512}", "extract.datasets=[bench]",
         f"+data.datasets.bench={{image: {{source: '{images}'}}}}",
         f"extract.batch_size={batch_size}", f"extract.num_workers={workers}",
-        "extract.overwrite=true", "trainer.enable_progress_bar=false",
+        "extract.overwrite=true", "trainer.enable_progress_bar=false", "data.benchmarks=[]",
     ]  # fmt: skip
     with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
         return compose(config_name="config", overrides=overrides)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -121,6 +122,10 @@ def match_rows(ids: Sequence, keys: Sequence[str], where: str) -> np.ndarray:
 class PrecomputedProcessor(Processor):
     """Items are their keys: nothing is read from the raw files."""
 
+    def batch(self, modality: str, items: Sequence[Any]) -> list[str]:
+        """Keys (or paths) stay a list of strings."""
+        return [str(x) for x in items]
+
 
 class PrecomputedEncoder(Encoder):
     """{modality: item keys} -> the dumped rows of those items, L2-normalised."""
@@ -151,8 +156,19 @@ class PrecomputedEncoder(Encoder):
             self.tables[modality] = (emb, found)
         return self.tables[modality]
 
+    def resolve(self, modality: str, item: str | Path) -> str:
+        """An item key, or a raw file's path whose name without suffix ends with an item key
+        (`.../test/points/ball/ball_00.ply` is item `ball/ball_00`), as its key."""
+        found = self.table(modality)[1]
+        if str(item) in found:
+            return str(item)
+        stem = Path(item).with_suffix("").as_posix()
+        matches = [k for k in found if stem == k or stem.endswith("/" + k)]
+        return max(matches, key=len) if matches else str(item)
+
     def embed(self, modality: str, batch: Sequence[str]) -> torch.Tensor:
         emb, found = self.table(modality)
+        batch = [self.resolve(modality, k) for k in batch]
         missing = [k for k in batch if k not in found]
         if missing:
             raise DumpError(

@@ -15,7 +15,7 @@ from datamodules.demo_raw import ensure_demo_raw
 from datamodules.items import list_items
 from encoders import build_encoder, build_processor
 from encoders.precomputed import DumpError, PrecomputedEncoder, load_dump, match_rows
-from encoders.readers import load_audio, load_image
+from encoders.readers import LoadSettings, load_audio, load_frames, load_image
 from encoders.video import frame_indices
 
 
@@ -107,6 +107,25 @@ def test_open_clip_local_checkpoint_and_dim_check(tiny_clip, tmp_path: Path) -> 
         encoder({"audio": torch.zeros(1, 10)})
 
 
+def test_encode_takes_raw_files(tiny_clip, demo: Path, tmp_path: Path) -> None:
+    """encode({modality: raw items}): image paths or PIL images, captions, video frame folders,
+    .npy clips and .mp4 files, each as the DataLoader path prepares them."""
+    encoder, _ = tiny_clip
+    paths = list_items("image", {"source": demo / "pool" / "images"}).sources[:3]
+    by_path = encoder.encode({"image": paths, "text": ["a red ball"]})
+    by_pil = encoder.encode({"image": [load_image(p) for p in paths]})["image"]
+    torch.testing.assert_close(by_path["image"], by_pil)
+    assert by_path["text"].shape == (1, 64)
+    clips = list_items("image", {"source": demo / "videos", "frames": 4}).sources[:3]
+    video = encoder.encode({"video": clips}, LoadSettings(frames=4))["video"]
+    frames = [load_frames(c, 4) for c in clips]  # folder, .npy, .mp4
+    prepared = torch.stack([torch.stack([encoder.processor.item("image", f) for f in fs])
+                            for fs in frames])  # fmt: skip
+    with torch.no_grad():
+        torch.testing.assert_close(video, encoder.embed_video(prepared), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(encoder.encode({"video": frames})["video"], video)
+
+
 def test_video_is_the_renormalised_mean_of_its_frames(tiny_clip) -> None:
     encoder, _ = tiny_clip
     frames = torch.randn(2, 3, 3, 64, 64)
@@ -160,6 +179,8 @@ def test_clap_encoder_matches_laion_clap_reference(tiny_clap, demo: Path) -> Non
     waves = [load_audio(p, 48000, 480000) for p in sources[:2]]
     texts = ["a bell rings", "white noise"]
     ours = encoder.encode({"audio": waves, "text": texts})
+    # A wav path is read, resampled to 48 kHz and fitted, as the extract stage does.
+    torch.testing.assert_close(encoder.encode({"audio": sources[:2]})["audio"], ours["audio"])
     # laion_clap's own per-item path (CLAP_Module.get_audio_embedding_from_data and
     # get_text_embedding), on the same model.
     feats = []
@@ -215,6 +236,10 @@ def test_precomputed_dumps_in_every_format(tmp_path: Path) -> None:
     assert enc.table("text")[1] == {"a/x": 1, "b/z": 0}  # a/y is not in this dump
     with pytest.raises(DumpError, match="lacks items \\['a/y'\\]"):
         enc({"text": ["a/y"]})
+    # Raw search passes the file itself: a path ending in an item key is that item.
+    paths = ["/data/raw/a/x.ply", "/elsewhere/b/z.npy", "b/z"]
+    np.testing.assert_allclose(enc.encode({"point": paths})["point"].numpy(), unit[[0, 2, 2]],
+                               rtol=1e-5)  # fmt: skip
     with pytest.raises(DumpError, match="dim 4, the space says 8"):
         PrecomputedEncoder({"point": 8}, str(tmp_path), "pool", {"point": keys}).table("point")
     with pytest.raises(DumpError, match="no audio"):
