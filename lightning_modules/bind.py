@@ -36,17 +36,14 @@ FREEBIND_EXPERTS = ("mix", "A", "T", "V", "AT", "AV", "TV")
 EXPORT_WEIGHTS, EXPORT_META = "projectors.safetensors", "bound.json"
 
 
-def expert_starts(experts: str | list[str], modalities: list[str]) -> dict[str, list[int]]:
+def expert_starts(experts: str | list[str]) -> dict[str, list[int]]:
     """{expert name: starting-modality indices it trains on}.
 
-    `freebind` is FreeBind's set restricted to subsets whose modalities the space covers.
+    `freebind` is FreeBind's seven subsets, named by the tuples' starting modality (mix, A, T, V,
+    AT, AV, TV) for every space, as the release's 7 projectors per space: a subset is defined by
+    where a tuple started, not by what the space embeds.
     """
-    if experts == "freebind":
-        names = [
-            e for e in FREEBIND_EXPERTS if e == "mix" or all(LETTERS[c] in modalities for c in e)
-        ]
-    else:
-        names = list(experts)
+    names = list(FREEBIND_EXPERTS) if experts == "freebind" else list(experts)
     out = {}
     for name in names:
         if name == "mix":
@@ -102,9 +99,7 @@ class BindModule(L.LightningModule):
         out_dims = set(anchor_dims.values())
         if len(out_dims) != 1:
             raise ValueError(f"anchor {anchor!r}: modalities must share one dim, got {anchor_dims}")
-        self.starts = {
-            name: torch.tensor(s) for name, s in expert_starts(experts, list(dims)).items()
-        }
+        self.starts = {name: torch.tensor(s) for name, s in expert_starts(experts).items()}
         self.mixture = ProjectorMixture(
             in_dims.pop(), out_dims.pop(), hidden_dim, len(self.starts), renormalize
         )

@@ -72,6 +72,10 @@ class Router(nn.Module):
             nn.Linear(h1, h2), nn.BatchNorm1d(h2), nn.Tanh(),
             nn.Linear(h2, n_groups),
         )  # fmt: skip
+        for layer in self.router:  # Xavier-uniform, as the release initialises its routers
+            if isinstance(layer, nn.Linear):
+                nn.init.xavier_uniform_(layer.weight)
+                nn.init.zeros_(layer.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (batch, in_dim) -> logits (batch, n_groups)."""

@@ -167,7 +167,8 @@ class RouteModule(L.LightningModule):
         out = self(batch["emb"])
         loss = hp.align * alignment_loss(out.embeddings, hp.temperature)
         self.log("train/loss_align", loss, on_step=False, on_epoch=True)
-        if hp.lambda_dec and "text" in out.logits:
+        # L_dec labels the routers' input-dependent choice: fixed weights have none to decouple.
+        if hp.lambda_dec and hp.kind == "routed" and "text" in out.logits:
             specialty = [meta["specialty"][g] for g in meta["groups"]["text"]]
             labels = specialty_labels(batch["provenance"], specialty)
             dec = decoupling_loss(out.logits["text"], labels)
