@@ -88,6 +88,7 @@ class BindModule(L.LightningModule):
         lr: float = 1e-3,
         weight_decay: float = 0.0,
         warmup_fraction: float = 0.05,
+        gather: bool = True,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -128,12 +129,15 @@ class BindModule(L.LightningModule):
             if len(rows) < 2:  # BatchNorm needs two rows; the subset is absent from this batch
                 continue
             total = weight = 0.0
+            conf = batch.get("weight")  # per-row confidence of each modality's item, 0 if absent
             for m in hp.dims:
                 z = expert(src[m][rows])
                 for n in hp.anchor_dims:
                     w = self.weights[f"{m}_{n}"]
                     if w:
-                        total = total + w * info_nce(z, anchor[n][rows], hp.temperature)
+                        rows_w = None if conf is None else conf[m][rows] * conf[n][rows]
+                        term = info_nce(z, anchor[n][rows], hp.temperature, rows_w, hp.gather)
+                        total = total + w * term
                         weight += w
             loss = total / max(weight, 1e-12)
             self.log(f"train/loss_{name}", loss, on_step=False, on_epoch=True)

@@ -142,6 +142,7 @@ class RouteModule(L.LightningModule):
         lr: float = 1e-3,
         fixed_lr: float = 1e-2,
         weight_decay: float = 0.0,
+        gather: bool = True,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -165,7 +166,8 @@ class RouteModule(L.LightningModule):
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         hp, meta = self.hparams, self.model.meta
         out = self(batch["emb"])
-        loss = hp.align * alignment_loss(out.embeddings, hp.temperature)
+        weights = batch.get("weight")  # 0 where a tuple has no item of a modality
+        loss = hp.align * alignment_loss(out.embeddings, hp.temperature, weights, hp.gather)
         self.log("train/loss_align", loss, on_step=False, on_epoch=True)
         # L_dec labels the routers' input-dependent choice: fixed weights have none to decouple.
         if hp.lambda_dec and hp.kind == "routed" and "text" in out.logits:
