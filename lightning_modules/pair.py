@@ -319,57 +319,70 @@ def apply_cells(
     table: Mapping[str, np.ndarray],
     cells: Mapping[tuple[str, str], list],
     hop_keep: Mapping[tuple, np.ndarray],
-    cell_keep: Mapping[tuple[str, str], np.ndarray],
     hops: Mapping[tuple, Hop],
 ) -> dict[str, np.ndarray]:
-    """A copy of the table where each item whose hops or cell rule fail is -1."""
+    """A copy of the table where each item with a distrusted hop on its path is -1."""
     out = {c: v.copy() for c, v in table.items()}
-    for (s, t), prefixes in cells.items():
-        rows = hops[prefixes[0]].rows
+    for (_, t), prefixes in cells.items():
         keep = np.logical_and.reduce([hop_keep[p] for p in prefixes])
-        if (s, t) in cell_keep:
-            keep &= cell_keep[(s, t)]
-        out[t][rows][~keep] = -1
+        out[t][hops[prefixes[0]].rows][~keep] = -1
     return out
 
 
 # ---------------------------------------------------------------------------- summary
 
 
+def _concepts(labels: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """(n, L) concepts of pool rows from (pool,) labels or (pool, L) multi-labels (-1 pads).
+
+    A missing item (row -1) has no concept (all -1).
+    """
+    labels = labels if labels.ndim == 2 else labels[:, None]
+    out = labels[np.maximum(rows, 0)]
+    out[rows < 0] = -1
+    return out
+
+
+def _overlap(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """(n,) bool: the (n, La) and (n, Lb) concept rows name a common concept."""
+    return ((a[:, :, None] == b[:, None, :]) & (a[:, :, None] >= 0)).any((1, 2))
+
+
 def _agreement(table: Mapping[str, np.ndarray], labels: Mapping[str, np.ndarray]) -> dict:
     """Fine (or coarse) concept agreement of a table's tuples with their start item, per start.
 
-    concept_agreement[s]: fraction of tuples started from s whose present items all carry the
-    starting item's concept. chance_agreement[s]: the same if the other present items were drawn
-    uniformly from their pools. target_agreement[s][t]: fraction of those holding a t item whose
-    t item carries the starting item's concept.
+    concept_agreement[s]: fraction of tuples started from s whose present items all share a
+    concept with the starting item (multi-label items: any of their labels). chance_agreement[s]:
+    the same for main labels if the other present items were drawn uniformly from their pools.
+    target_agreement[s][t]: fraction of those holding a t item whose t item shares one.
+    concept_agreement_overall: the fraction over all tuples.
     """
     mods = [m for m in modalities_of(table) if m in labels]
-    n_concepts = 1 + max(int(labels[m].max()) for m in mods)
-    share = {m: np.bincount(labels[m], minlength=n_concepts) / len(labels[m]) for m in mods}
-    concept = {m: np.where(table[m] >= 0, labels[m][np.maximum(table[m], 0)], -1) for m in mods}
+    main = {m: labels[m] if labels[m].ndim == 1 else labels[m][:, 0] for m in mods}
+    n_concepts = 1 + max(int(main[m].max()) for m in mods)
+    share = {m: np.bincount(main[m], minlength=n_concepts) / len(main[m]) for m in mods}
     starts = table["start"]
     agree, chance, target = {}, {}, {}
-    own_all = np.full(len(starts), -1)
+    whole = np.zeros(len(starts), bool)
     for i, s in enumerate(MODALITIES):
         rows = starts == i
         if s not in mods or not rows.any():
             continue
-        own = concept[s][rows]
-        own_all[rows] = own
+        own = _concepts(labels[s], table[s][rows])
         others = [t for t in mods if t != s]
         has = {t: table[t][rows] >= 0 for t in others}
-        same = {t: concept[t][rows] == own for t in others}
-        agree[s] = float(np.logical_and.reduce([same[t] | ~has[t] for t in others]).mean())
+        same = {t: _overlap(_concepts(labels[t], table[t][rows]), own) for t in others}
+        whole[rows] = np.logical_and.reduce([same[t] | ~has[t] for t in others])
+        agree[s] = float(whole[rows].mean())
         target[s] = {t: float(same[t][has[t]].mean()) if has[t].any() else None for t in others}
-        p = np.prod([np.where(has[t], share[t][own], 1.0) for t in others], axis=0)
+        own_main = main[s][table[s][rows]]
+        p = np.prod([np.where(has[t], share[t][own_main], 1.0) for t in others], axis=0)
         chance[s] = float(p.mean())
-    overall = np.logical_and.reduce([(concept[m] == own_all) | (table[m] < 0) for m in mods])
     return dict(
         concept_agreement=agree,
         chance_agreement=chance,
         target_agreement=target,
-        concept_agreement_overall=float(overall.mean()) if len(overall) else None,
+        concept_agreement_overall=float(whole.mean()) if len(whole) else None,
     )
 
 
@@ -416,7 +429,7 @@ def hop_stats(
                 continue
             q = np.concatenate([hops[p].query for p in prefixes])[kept]
             it = np.concatenate([hops[p].item for p in prefixes])[kept]
-            entry[key] = float((lab[x][q] == lab[y][it]).mean())
+            entry[key] = float(_overlap(_concepts(lab[x], q), _concepts(lab[y], it)).mean())
         out[name] = entry
     return out
 
@@ -527,6 +540,11 @@ def _cross_spaces(
     out: dict[tuple[str, str], str | None] = {}
     for pair, space in routes.items():
         if pair in explicit:
+            if explicit[pair] == space:
+                raise ValueError(
+                    f"pair.clean.cross_spaces.{pair[0]}_{pair[1]}={space} is the route's own "
+                    f"space; the agreement check needs a second one"
+                )
             out[pair] = explicit[pair]
             continue
         out[pair] = None
@@ -650,10 +668,9 @@ def run(cfg: DictConfig) -> float | None:
     raw_n = len(table["start"])
     labels = coarse = None
     if all(c.has("labels") for c in caches.values()):
-        labels = {m: c.extra("labels") for (_, m), c in caches.items()}
-        if any(v.ndim != 1 for v in labels.values()):
-            log.warning("pair: pool labels are not one per item; no concept agreement reported")
-            labels = None
+        # Multi-label items (world v2 audio) agree with an item sharing any of their labels.
+        labels = {m: c.extra("multilabels") if c.has("multilabels") else c.extra("labels")
+                  for (_, m), c in caches.items()}  # fmt: skip
     if labels is not None and all(c.has("coarse") for c in caches.values()):
         coarse = {m: c.extra("coarse") for (_, m), c in caches.items()}
     text_prov = None
@@ -666,16 +683,15 @@ def run(cfg: DictConfig) -> float | None:
             )
         text_prov = text_cache.extra("provenance")
 
-    # Cleaning: each rule narrows the per-hop (or per-item) keep masks; stats after each.
+    # Cleaning: each rule narrows the per-hop keep masks; an item needs every hop on its path.
     hop_keep = {p: np.ones(len(h.item), bool) for p, h in hops.items()}
-    cell_keep: dict[tuple[str, str], np.ndarray] = {}
     stages = []
 
     def alive(prefix: tuple) -> np.ndarray:
         return np.logical_and.reduce([hop_keep[prefix[: i + 1]] for i in range(1, len(prefix))])
 
     def measure(rule: str) -> None:
-        cleaned = apply_cells(table, cells, hop_keep, cell_keep, hops)
+        cleaned = apply_cells(table, cells, hop_keep, hops)
         cleaned = {c: v[present_items(cleaned) >= 2] for c, v in cleaned.items()}
         entry = rule_stats(rule, cleaned, raw_n, hops, {p: alive(p) for p in hops}, labels, coarse)
         stages.append(entry)
@@ -706,27 +722,29 @@ def run(cfg: DictConfig) -> float | None:
             hop_keep[p] &= ok
         measure("cross_space")
     if clean.provenance and text_prov is not None:
-        for (s, t), prefixes in cells.items():
-            if s != "text":
-                continue
-            prov = text_prov[hops[prefixes[0]].query]
-            allowed = [PROVENANCES.index(p) for p, ts in clean.provenance_targets.items()
-                       if t in ts]  # fmt: skip
-            cell_keep[(s, t)] = (prov < 0) | np.isin(prov, allowed)
+        # A text-started hop to m is kept when the caption's provenance may describe m.
+        allowed = {m: [PROVENANCES.index(p) for p, ts in clean.provenance_targets.items()
+                       if m in ts] for m in modalities}  # fmt: skip
+        for p, hop in hops.items():
+            if p[0] == "text":
+                prov = text_prov[table["text"][hop.rows]]
+                hop_keep[p] &= (prov < 0) | np.isin(prov, allowed[p[-1]])
         measure("provenance")
     if clean.max_reuse:
         for p, hop in hops.items():
             hop_keep[p] &= reuse_keep(hop, alive(p), clean.max_reuse)
         measure("max_reuse")
 
-    final = apply_cells(table, cells, hop_keep, cell_keep, hops)
+    final = apply_cells(table, cells, hop_keep, hops)
+    top_conf = {}  # mean weight of the rank-0 tuple of each start item, per start and target
     if clean.soft:
         if k == 1:
             log.warning("pair.clean.soft with pair.topk=1: every weight is 1")
-        for (_, t), prefixes in cells.items():
+        for (s, t), prefixes in cells.items():
             conf = final.setdefault(f"conf_{t}", np.ones(raw_n, np.float32))
-            conf[hops[prefixes[0]].rows] = soft_conf(hops[prefixes[0]], nearest, k,
-                                                     clean.soft_temperature)  # fmt: skip
+            first = soft_conf(hops[prefixes[0]], nearest, k, clean.soft_temperature)
+            conf[hops[prefixes[0]].rows] = first
+            top_conf[f"{s}->{t}"] = float(first[::k].mean())
         for m in modalities:
             final.setdefault(f"conf_{m}", np.ones(raw_n, np.float32))
             final[f"conf_{m}"][final[m] < 0] = 0
@@ -764,8 +782,7 @@ def run(cfg: DictConfig) -> float | None:
         search_seconds=round(seconds, 3),
     )
     if clean.soft:
-        summary["mean_conf"] = {m: float(final[f"conf_{m}"][final[m] >= 0].mean())
-                                for m in modalities}  # fmt: skip
+        summary["soft_top_conf"] = top_conf
     atomic_write_json(output.with_name(SUMMARY), summary)
     log.info("pair: %d tuples -> %s", len(final["start"]), output)
     _log_metrics(cfg, stages)

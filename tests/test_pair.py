@@ -331,7 +331,8 @@ def test_a_dropped_hop_drops_the_items_chained_through_it() -> None:
     keep = {p: np.ones(4, bool) for p in hops}
     keep[("audio", "image")][1] = False  # audio 1's image is distrusted ...
     keep[("audio", "image", "point")][2] = False  # ... and audio 2's image's point
-    out = apply_cells(table, cells, keep, {("audio", "text"): np.array([1, 1, 1, 0], bool)}, hops)
+    keep[("audio", "text")][3] = False
+    out = apply_cells(table, cells, keep, hops)
     np.testing.assert_array_equal(out["image"], [0, -1, 2, 0])
     np.testing.assert_array_equal(out["point"], [0, -1, -1, 0])  # through image 1, and its own
     np.testing.assert_array_equal(out["text"], [0, 1, 2, -1])
@@ -349,6 +350,13 @@ def test_summarize_ignores_missing_items() -> None:
     assert s["target_agreement"]["audio"] == {"image": 0.5, "text": 0.5}
     assert s["concept_agreement"]["audio"] == pytest.approx(1 / 3)
     assert s["coarse"]["concept_agreement"]["audio"] == 1.0
+    # Multi-label audio (-1 pads): audio 1 also carries concept 0, so its row now agrees in
+    # full, and audio 2 (concepts 0 and 1) agrees with image 1 (concept 1).
+    multi = {**labels, "audio": np.array([[0, -1], [1, 0], [0, 1]])}
+    s = summarize(table, multi)
+    assert s["target_agreement"]["audio"] == {"image": 1.0, "text": 0.5}
+    assert s["concept_agreement"]["audio"] == pytest.approx(2 / 3)
+    assert s["concept_agreement_overall"] == pytest.approx(2 / 3)
 
 
 # ---------------------------------------------------------------------------- tuple tables
@@ -474,6 +482,8 @@ def test_stage_soft_provenance_and_reuse(compose_cfg, small_world: Path) -> None
     pair_sum = table["conf_text"][image].reshape(-1, 2).sum(1)  # ranks 0 and 1 of each image
     np.testing.assert_allclose(pair_sum, 1, rtol=1e-5)
     assert (table["conf_image"][image] == 1).all() and 0.5 <= table["conf_text"][image][0] <= 1
+    top = _summary(cfg)["soft_top_conf"]["image->text"]  # the rank-0 tuples' mean weight
+    assert top == pytest.approx(table["conf_text"][image][::2].mean(), rel=1e-5) and top > 0.5
 
     cfg = compose_cfg(*PAIR, "pair.clean.provenance=true", "pair.clean.max_reuse=1")
     train(cfg)
