@@ -25,7 +25,7 @@ from datamodules.artifacts import (
     verify_file,
 )
 from encoders.modalities import LETTERS, MODALITIES, PAIRS
-from lightning_modules.config import ensure_data, pairs_source, tuples_path
+from lightning_modules.config import ensure_data, tuples_path, tuples_record
 from lightning_modules.losses import info_nce
 from lightning_modules.metrics import compute_directions, direction_metrics
 from lightning_modules.models import ProjectorMixture
@@ -257,11 +257,7 @@ def run(cfg: DictConfig) -> float:
     )
     trainer, best, score = fit_best(cfg, model, datamodule, cfg.bind.epochs)
     if trainer.is_global_zero:
-        export_bound_space(
-            best,
-            cfg.bind.export_dir,
-            best_val_mean_R1=score,
-            pairs=pairs_source(cfg, cfg.bind.pairs),
-        )
+        record = tuples_record(cfg, cfg.bind.pairs, root)
+        export_bound_space(best, cfg.bind.export_dir, best_val_mean_R1=score, **record)
         log.info("bound space %s exported to %s", space.name, cfg.bind.export_dir)
     return score

@@ -10,6 +10,7 @@ import hydra
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from datamodules.artifacts import file_sha256
 from datamodules.world import ensure_world
 
 CONF_DIR = Path(str(importlib.resources.files("conf")))  # the installed package's config tree
@@ -42,10 +43,8 @@ def ensure_data(cfg: DictConfig, names: Iterable[str]) -> Path:
 
 
 def pairs_source(cfg: DictConfig, which: str) -> str:
-    """`auto` is the world's ground-truth tuples on synthetic data and the pair table otherwise."""
-    if which == "auto":
-        return "oracle" if cfg.data.kind == "synthetic" else "pseudo"
-    return str(which)
+    """`auto` is the pair stage's table (pseudo tuples), on the synthetic world too."""
+    return "pseudo" if which == "auto" else str(which)
 
 
 def tuples_path(cfg: DictConfig, which: str, root: Path) -> Path:
@@ -60,6 +59,12 @@ def tuples_path(cfg: DictConfig, which: str, root: Path) -> Path:
     if which == "pseudo":
         return Path(cfg.pair.output)
     return Path(which)
+
+
+def tuples_record(cfg: DictConfig, which: str, root: Path) -> dict:
+    """What an export records of its training tuples: the source and the table's sha256."""
+    path = tuples_path(cfg, which, root)
+    return {"pairs": pairs_source(cfg, which), "tuples_sha256": file_sha256(path)}
 
 
 def to_plain(cfg):

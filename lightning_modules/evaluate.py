@@ -40,7 +40,10 @@ def _entry(method: Method, scores: dict, benchmarks: Benchmarks) -> dict:
     r1 = [v for k, v in scores["retrieval"].items() if k.endswith("/R@1")]
     mean = mean_r1(scores["retrieval"])
     summary = {"mean_R@1": None if mean is None else round(mean, 6), "directions": len(r1)}
-    return dict(modalities=list(method.modalities), **scores, summary=summary)
+    tuples = getattr(method, "tuples", None)  # what a trained method was trained on
+    return dict(modalities=list(method.modalities), **scores, summary=summary) | (
+        {"tuples": tuples} if tuples else {}
+    )
 
 
 def run(cfg: DictConfig) -> float | None:

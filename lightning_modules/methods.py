@@ -70,6 +70,7 @@ class BoundSpace:
                              f"space={Path(where).name}") from e  # fmt: skip
         self.name, self.spaces, self.dims = name, [meta["space"]], dict(meta["dims"])
         self.modalities = tuple(m for m in MODALITIES if m in self.dims)
+        self.tuples = {k: meta[k] for k in ("pairs", "tuples_sha256") if k in meta}
 
     @torch.no_grad()
     def embed(self, root: Path, dataset: str, modality: str) -> torch.Tensor:
@@ -98,6 +99,8 @@ class OmniExport:
         except CacheError as e:
             raise CacheError(f"method {name!r}: {e}; train it with stage=route") from e
         self.name, self.modalities = name, tuple(modalities_of(self.model.meta))
+        meta = self.model.meta
+        self.tuples = {k: meta[k] for k in ("pairs", "tuples_sha256") if k in meta}
         self.spaces = list(
             dict.fromkeys(s for m in self.modalities for s in self.model.needed_spaces(m))
         )

@@ -24,6 +24,7 @@ from lightning_modules.omni import EXPORT_WEIGHTS as OMNI_WEIGHTS
 from lightning_modules.omni import OmniModel
 
 log = logging.getLogger(__name__)
+DATA_KEYS = ["data", "anchor", "seed"]  # what every stage's output depends on
 STAMP = "pipeline_config.json"  # beside each stage's output: what made it, and what it was
 
 
@@ -79,57 +80,78 @@ def _step(
     return made
 
 
-def run(cfg: DictConfig) -> float | None:
-    """Run every stage for `cfg.variant`; returns the routed model's mean R@1 on the test sets."""
-    data_keys = ["data", "anchor", "seed"]
+def _pair(cfg: DictConfig) -> str:
+    """The pair stage, when bind or route read its table; returns the tuples' digest."""
     sources = {pairs_source(cfg, cfg.bind.pairs), pairs_source(cfg, cfg.route.pairs)}
-    tuples = "oracle" if sources == {"oracle"} else None
-    if "pseudo" in sources:
-        out = Path(cfg.pair.output)
-        tuples = _step(
-            cfg,
-            "pair",
-            out.parent,
-            _digest(cfg, [*data_keys, "pair"]),
-            lambda: file_sha256(out),
-            lambda: load_tuples(out),
-            lambda: pair.run(_sub(cfg, run_name="pair")),
-        )
-    spaces = dict(cfg.variant.spaces)
+    if "pseudo" not in sources:
+        return ",".join(sorted(sources))  # the world's oracle (its config is in every digest)
+    out = Path(cfg.pair.output)
+    return _step(
+        cfg,
+        "pair",
+        out.parent,
+        _digest(cfg, [*DATA_KEYS, "pair"]),
+        lambda: file_sha256(out),
+        lambda: load_tuples(out),
+        lambda: pair.run(_sub(cfg, run_name="pair")),
+    )
+
+
+def _bind_all(cfg: DictConfig, tuples: str, suffix: str = "") -> dict[str, str]:
+    """Bind every space of the variant into route.bound_dir; returns {space: weights digest}."""
     bound = {}
-    for name, space in spaces.items():
-        sub = _sub(cfg, space=space, run_name=f"bind-{name}")
+    for name, space in cfg.variant.spaces.items():
         directory = Path(cfg.route.bound_dir) / name
+        sub = _sub(cfg, space=space, run_name=f"bind-{name}{suffix}")
         sub.bind.export_dir = str(directory)
-        keys = [*data_keys, "space", "bind", "model.bind", "loss.temperature", "loss.weights"]
+        keys = [*DATA_KEYS, "space", "bind", "model.bind", "loss.temperature", "loss.weights"]
         bound[name] = _step(
             cfg,
-            f"bind {name}",
+            f"bind {name}{suffix}",
             directory,
-            _digest(sub, keys, tuples=str(tuples)),
+            _digest(sub, keys, tuples=tuples),
             lambda d=directory: file_sha256(d / bind.EXPORT_WEIGHTS),
             lambda d=directory: bind.load_bound_space(d),
             lambda s=sub: bind.run(s),
         )
+    return bound
+
+
+def _route(cfg: DictConfig, name: str, overrides: dict, inputs: dict) -> Path:
+    """Train (unless fresh) the route run `name`; returns its export directory."""
+    export = Path(cfg.evaluate.omni_dir) / cfg.variant.name / name
+    changes = {"route.export_dir": str(export), "run_name": f"route-{cfg.variant.name}-{name}"}
+    sub = _sub(cfg, **changes, **overrides)
+    _step(
+        cfg,
+        f"route {name}",
+        export,
+        _digest(sub, [*DATA_KEYS, "variant", "route", "model.route", "loss"], **inputs),
+        lambda: file_sha256(export / OMNI_WEIGHTS),
+        lambda: OmniModel.load(export),
+        lambda: route.run(sub),
+    )
+    return export
+
+
+def run(cfg: DictConfig) -> float | None:
+    """Run every stage for `cfg.variant`; returns the routed model's mean R@1 on the test sets."""
+    tuples = _pair(cfg)
     # The route reads the spaces' own configs too (text specialty, dims): they are inputs.
-    inputs = dict(tuples=str(tuples), bound=bound, spaces=to_plain(spaces))
-    exports = {}
-    for name, overrides in cfg.pipeline.routes.items():
-        changes = {
-            "route.export_dir": str(Path(cfg.evaluate.omni_dir) / cfg.variant.name / name),
-            "run_name": f"route-{cfg.variant.name}-{name}",
-            **to_plain(overrides),
-        }
-        sub = _sub(cfg, **changes)
-        exports[name] = Path(sub.route.export_dir)
-        _step(
-            cfg,
-            f"route {name}",
-            exports[name],
-            _digest(sub, [*data_keys, "variant", "route", "model.route", "loss"], **inputs),
-            lambda d=exports[name]: file_sha256(d / OMNI_WEIGHTS),
-            lambda d=exports[name]: OmniModel.load(d),
-            lambda s=sub: route.run(s),
+    spaces = to_plain(cfg.variant.spaces)
+    inputs = dict(tuples=tuples, bound=_bind_all(cfg, tuples), spaces=spaces)
+    exports = {
+        name: _route(cfg, name, to_plain(overrides), inputs)
+        for name, overrides in cfg.pipeline.routes.items()
+    }
+    if cfg.pipeline.oracle and cfg.data.kind == "synthetic" and tuples != "oracle":
+        # The upper bound: the same method on the world's ground-truth tuples.
+        bound_dir = str(Path(cfg.paths.output_dir) / "bound_oracle")
+        changes = {"bind.pairs": "oracle", "route.pairs": "oracle", "route.bound_dir": bound_dir}
+        oracle = _sub(cfg, **changes)
+        bound = _bind_all(oracle, "oracle", suffix="-oracle")
+        exports["routed_oracle"] = _route(
+            oracle, "routed_oracle", {}, dict(tuples="oracle", bound=bound, spaces=spaces)
         )
     # Each space native (its own cache) and projected (bound): the difference is the binding loss.
     methods = [f"{kind}:{s}" for s in cfg.variant.spaces for kind in ("raw", "bound")]

@@ -59,6 +59,17 @@ def markdown(results: Mapping, benchmarks: Benchmarks) -> str:
     retrieval, zeroshot = columns(benchmarks, methods)
     note = f"Manifest `{benchmarks.path}`. Percentages; `-`: the method does not cover it. {TIES}"
     lines = [f"# Evaluation on {benchmarks.name}", "", note, ""]
+    trained = {n: m["tuples"] for n, m in methods.items() if m.get("tuples")}
+    sources = {}  # one line per tuple table: which methods trained on it
+    for name, t in trained.items():
+        key = (t.get("pairs"), t.get("tuples_sha256", "")[:12])
+        sources.setdefault(key, []).append(f"`{name}`")
+    for (pairs, digest), names in sources.items():
+        lines.append(
+            f"- Trained on **{pairs}** tuples (table sha256 {digest}...): {', '.join(names)}"
+        )
+    if sources:
+        lines.append("")
 
     def table(title: str, keys: list[str], kind: str, extra: str | None = None) -> None:
         header = ["method", *(label(k) for k in keys)] + ([extra] if extra else [])

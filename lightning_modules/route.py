@@ -22,7 +22,13 @@ from datamodules.artifacts import file_sha256
 from datamodules.cache import CacheError, CacheWriter, EmbeddingCache, cache_dir, read_manifest
 from encoders.modalities import MODALITIES, PAIRS, PROVENANCES
 from lightning_modules.bind import EXPORT_WEIGHTS, load_bound_space
-from lightning_modules.config import ensure_data, space_configs, to_plain, tuples_path
+from lightning_modules.config import (
+    ensure_data,
+    space_configs,
+    to_plain,
+    tuples_path,
+    tuples_record,
+)
 from lightning_modules.losses import alignment_loss, decoupling_loss, info_nce
 from lightning_modules.metrics import compute_directions, direction_metrics
 from lightning_modules.omni import OmniModel, RouterOutput, specialty_labels
@@ -287,6 +293,7 @@ def run(cfg: DictConfig) -> float:
         specialty=layout["specialty"],
         spaces={name: b[1] for name, b in bound.items()},
         lambda_dec=cfg.loss.lambda_dec,
+        **tuples_record(cfg, cfg.route.pairs, root),
     )
     model: RouteModule = hydra.utils.instantiate(cfg.model.route, meta=meta)
     for name, (mixture, _) in bound.items():

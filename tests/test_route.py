@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from datamodules.artifacts import file_sha256
 from datamodules.cache import CacheError
 from encoders.modalities import DIRECTIONS, PROVENANCES
 from lightning_modules.losses import alignment_loss, decoupling_loss, info_nce
@@ -189,11 +190,12 @@ def test_route_names_the_bind_command_for_an_unbound_space(small_world: Path, co
         train(cfg)
 
 
-def test_default_command_runs_and_shows_the_papers_claims(tmp_path: Path) -> None:
-    """`python train.py` (the README's main job) end to end on the default world, ~90 s.
+def test_default_command_runs_the_method_on_pseudo_tuples(tmp_path: Path) -> None:
+    """`python train.py` (the README's main job) end to end on the default world.
 
-    It must show: routed beats fixed-weight averaging on mean R@1 over the 12 directions, and
-    lambda=3 beats lambda=0 on the text-involving directions.
+    It trains on the pair stage's pseudo tuples, says so, and adds the oracle upper bound. The
+    paper's claims are measured over seeds with confidence intervals by bench/claims.py, not
+    asserted from one run here.
     """
     env = {k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"}  # see test_ops._env
     env |= {"HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
@@ -201,9 +203,13 @@ def test_default_command_runs_and_shows_the_papers_claims(tmp_path: Path) -> Non
            "trainer.enable_progress_bar=false"]  # fmt: skip
     done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
-    methods = _results(tmp_path / "runs" / "pipeline-base")
-    assert _mean_r1(methods["routed"]) > _mean_r1(methods["average"])
-    assert _mean_r1(methods["routed"], text_only=True) > _mean_r1(
-        methods["routed_l0"], text_only=True
-    )
-    assert (tmp_path / "runs" / "pipeline-base" / "results.md").exists()
+    run = tmp_path / "runs" / "pipeline-base"
+    methods = _results(run)
+    assert {"average", "fixed", "routed", "routed_l0", "routed_oracle"} <= set(methods)
+    assert methods["routed"]["tuples"]["pairs"] == "pseudo"
+    assert methods["routed_oracle"]["tuples"]["pairs"] == "oracle"
+    table = tmp_path / "pairs" / "tuples.npz"
+    assert methods["routed"]["tuples"]["tuples_sha256"] == file_sha256(table)
+    assert "Trained on **pseudo** tuples" in (run / "results.md").read_text()
+    # Far above chance (1 in 1,000 test items) for every trained method.
+    assert all(_mean_r1(methods[m]) > 0.2 for m in ("average", "fixed", "routed", "routed_oracle"))
