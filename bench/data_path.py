@@ -2,13 +2,15 @@
 
     python bench/data_path.py [--quick] [--root DIR] [--threads N]
 
-All three readers serve the same epoch of the same tuple table from the same in-memory pool caches
-(a synthetic world, float16 as stored, float32 out):
-- ours:   EmbeddingDataModule.train_dataloader(), one full epoch (index-tensor batches);
+All readers serve the same epoch of the same tuple table from the same pool caches (a synthetic
+world, float16 as stored, float32 out):
+- ours:   EmbeddingDataModule.train_dataloader(), one full epoch (index-tensor batches), reading
+          the memory-mapped cache shards (it never loads a whole cache);
 - naive:  what a user would otherwise write: a Dataset whose __getitem__ returns one row dict per
-          modality, DataLoader(batch_size=..., shuffle=True) with the default collate;
-- gather: the floor, no DataLoader at all: `array[rows[idx]].float()` per array per batch (and,
-          for reference, the same with `index_select`, which is what ours does).
+          modality, DataLoader(batch_size=..., shuffle=True) with the default collate, over
+          whole caches loaded in memory (the old way; in-memory favours it);
+- gather: the floor, no DataLoader at all, over the in-memory copies: `array[rows[idx]].float()`
+          per array per batch (and, for reference, the same with `index_select`).
 Prints a table, then `RESULT data_path ratio=<ours / naive>` (target >= 10); the table also gives
 ours / gather (target >= 0.5).
 """
@@ -34,7 +36,7 @@ from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 from torch.utils.data import DataLoader, Dataset  # noqa: E402
 
-from datamodules.embeddings import EmbeddingDataModule  # noqa: E402
+from datamodules.embeddings import EmbeddingDataModule, load_embeddings  # noqa: E402
 from datamodules.world import ensure_world  # noqa: E402
 from lightning_modules.common import CONF_DIR, space_configs  # noqa: E402
 
@@ -138,10 +140,13 @@ def main() -> None:
             root, root / "tuples" / "oracle.npz", needs, {}, batch_size=args.batch_size, seed=0
         )
         dm.setup("fit")
-        data = dm.train_set  # the very tensors both other readers use
+        data = dm.train_set
         loader = dm.train_dataloader()
+        # The other readers get whole in-memory copies of the caches ours maps.
+        arrays = {(s, m): load_embeddings(root, "pool", s, m) for s, m in data.arrays}
+        rows = data.rows
         naive = DataLoader(
-            PerItemTuples(data.arrays, data.rows, data.columns),
+            PerItemTuples(arrays, rows, data.columns),
             batch_size=args.batch_size,
             shuffle=True,
             drop_last=True,
@@ -151,9 +156,9 @@ def main() -> None:
             order = torch.randperm(len(data))
             for idx in order.split(args.batch_size)[: len(data) // args.batch_size]:
                 emb = {}
-                for (space, modality), array in data.arrays.items():
-                    rows = data.rows[modality][idx]
-                    out = array.index_select(0, rows) if select else array[rows]
+                for (space, modality), array in arrays.items():
+                    pool_rows = rows[modality][idx]
+                    out = array.index_select(0, pool_rows) if select else array[pool_rows]
                     emb.setdefault(space, {})[modality] = out.float()
                 yield {"emb": emb, **{k: v[idx] for k, v in data.columns.items()}}
 

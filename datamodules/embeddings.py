@@ -1,12 +1,15 @@
-"""DataModules that serve cached embeddings in whole batches gathered from in-memory tensors.
+"""DataModules that serve cached embeddings in whole batches gathered from cache shards.
 
 A batch is never built item by item: a sampler yields a tensor of row indices, and the dataset
-gathers every needed (space, modality) array with one index operation per array.
+gathers every needed (space, modality) array with one index operation per array. Caches that fit
+the datamodule's memory budget (`resident_mb`) are loaded whole; the others stay on disk and each
+batch reads only its rows, so peak RSS does not grow with the pool (bench/route_memory.py).
 """
 
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 
@@ -16,10 +19,11 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from datamodules.cache import CacheError, EmbeddingCache, cache_dir
-from datamodules.tuples import load_tuples
+from datamodules.tuples import check_pool_rows, load_tuples, modalities_of, weights_of
 from encoders.modalities import MODALITIES
 
 Needs = Iterable[tuple[str, str]]  # (space, modality) pairs a model reads
+TORCH_DTYPES = {"float16": torch.float16, "float32": torch.float32}
 
 
 def load_embeddings(
@@ -33,35 +37,131 @@ def load_embeddings(
     return torch.from_numpy(cache.load(dtype=cache.manifest["dtype"]))
 
 
-class BatchGather(Dataset):
-    """Map-style dataset whose index is a whole batch of rows.
+class CacheRows:
+    """Rows of one cache: in memory after `load()`, else read from the shard files per batch.
 
-    arrays: {(space, modality): (n_rows_of_that_pool, dim)} tensors.
-    rows: {modality: (n,) int64} maps a dataset row to each modality's pool row (tuples), or None
-    when row i of every array belongs together (paired sets).
-    columns: extra per-row tensors (n,) returned as they are (start, provenance, labels).
+    Opening validates the cache (EmbeddingCache: manifest, shapes, digests). On-disk reads use
+    pread, not mmap: a kernel whose page cache holds large folios maps up to ~1 MiB into the
+    process per row read through a map, so a 512-row batch grew RSS by ~150 MiB per array.
     """
 
     def __init__(
         self,
-        arrays: Mapping[tuple[str, str], torch.Tensor],
+        directory: str | Path,
+        expect_dim: int | None = None,
+        expect_space: str | None = None,
+        expect_modality: str | None = None,
+    ) -> None:
+        cache = EmbeddingCache(
+            directory, expect_dim=expect_dim, expect_space=expect_space,
+            expect_modality=expect_modality,
+        )  # fmt: skip
+        self.directory, self.dim = cache.directory, cache.dim
+        self.dtype = cache.manifest["dtype"]
+        self.row_bytes = self.dim * np.dtype(self.dtype).itemsize
+        # np.memmap's public filename/offset: where each shard's rows start in its .npy file.
+        self.files = [(str(s.filename), int(s.offset)) for s in cache.shards]
+        self.starts = torch.tensor([0, *np.cumsum([len(s) for s in cache.shards])])
+        self.nbytes = len(self) * self.row_bytes
+        self.memory: torch.Tensor | None = None  # (count, dim) stored dtype, after load()
+        self._fds: list[int] | None = None
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_fds": None}  # each process opens its own descriptors
+
+    def __del__(self) -> None:
+        for fd in getattr(self, "_fds", None) or ():
+            os.close(fd)
+
+    def load(self) -> None:
+        """Hold the whole cache in memory (stored dtype), checked for NaN/inf once."""
+        cache = EmbeddingCache(self.directory, verify=False)  # verified when opened above
+        self.memory = torch.from_numpy(cache.load(dtype=self.dtype))
+
+    def take(self, rows: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """(n, dim) float32 copy of pool rows (n,) int64; rows of -1 (missing items) are zeros."""
+        rows = torch.as_tensor(rows, dtype=torch.int64)
+        missing = rows < 0
+        any_missing = bool(missing.any())
+        safe = rows.clamp(min=0) if any_missing else rows
+        if self.memory is not None:
+            out = self.memory.index_select(0, safe)
+        else:
+            # Each distinct row once, in file order (runs of neighbours in one read), then
+            # scattered back to the asked order.
+            unique, inverse = torch.unique(safe, sorted=True, return_inverse=True)
+            out = self._read(unique.numpy()).index_select(0, inverse)
+        out = out.float()
+        if any_missing:
+            out.masked_fill_(missing[:, None], 0.0)
+        return out
+
+    def _read(self, rows: np.ndarray) -> torch.Tensor:
+        """(n, dim) stored-dtype rows for sorted unique pool rows (n,), read with pread."""
+        if self._fds is None:
+            self._fds = [os.open(path, os.O_RDONLY) for path, _ in self.files]
+        starts = self.starts.numpy()
+        shard = np.searchsorted(starts, rows, side="right") - 1
+        # A run: consecutive rows of one shard, read with one call.
+        first = np.flatnonzero(np.r_[True, (np.diff(rows) != 1) | (np.diff(shard) != 0)])
+        lengths = np.diff(np.r_[first, len(rows)])
+        width, pread = self.row_bytes, os.pread
+        offsets = [off for _, off in self.files]
+        chunks = [
+            pread(self._fds[i], n * width, offsets[i] + (r - int(starts[i])) * width)
+            for r, n, i in zip(
+                rows[first].tolist(), lengths.tolist(), shard[first].tolist(), strict=True
+            )
+        ]
+        data = bytearray(b"".join(chunks))  # writable, so torch wraps it without a copy warning
+        return torch.frombuffer(data, dtype=TORCH_DTYPES[self.dtype]).view(len(rows), self.dim)
+
+
+class BatchGather(Dataset):
+    """Map-style dataset whose index is a whole batch of rows.
+
+    arrays: {(space, modality): CacheRows}. rows: {modality: (n,) int64 tensor} maps a dataset
+    row to each modality's pool row, -1 where the tuple has no item of it (tuples), or None when
+    row i of every array belongs together (paired sets). weights: {modality: (n,) float32}
+    (absent: ones). columns: extra per-row arrays (n,) returned as they are (start, provenance).
+    """
+
+    def __init__(
+        self,
+        arrays: Mapping[tuple[str, str], CacheRows],
         rows: Mapping[str, torch.Tensor] | None,
         columns: Mapping[str, torch.Tensor],
         length: int,
+        weights: Mapping[str, np.ndarray] | None = None,
     ) -> None:
         self.arrays, self.rows, self.columns, self.length = arrays, rows, columns, length
+        self.weights = {m: torch.from_numpy(w) for m, w in (weights or {}).items()}
+        self.modalities = sorted({m for _, m in arrays})
 
     def __len__(self) -> int:
         return self.length
 
     def __getitem__(self, index: torch.Tensor) -> dict:
         emb: dict[str, dict[str, torch.Tensor]] = {}
-        for (space, modality), array in self.arrays.items():
-            # index_select copies whole rows; tensor[idx] goes through the generic advanced-
-            # indexing kernel and made the loader 1.6x slower (bench/data_path.py).
-            idx = index if self.rows is None else self.rows[modality].index_select(0, index)
-            emb.setdefault(space, {})[modality] = array.index_select(0, idx).float()
-        return {"emb": emb, "index": index, **{k: v[index] for k, v in self.columns.items()}}
+        for (space, modality), cache in self.arrays.items():
+            rows = index if self.rows is None else self.rows[modality].index_select(0, index)
+            out = cache.take(rows)
+            if cache.memory is None and not math.isfinite(float(out.sum())):
+                # Read from disk after the open's digest check: catch a file changed since. One
+                # sum (rows are finite and small, so it cannot overflow) costs a tenth of
+                # torch.isfinite(out).all(). Loaded caches were checked whole by load().
+                bad = int(rows[int((~torch.isfinite(out)).any(1).nonzero()[0])])
+                raise CacheError(f"{cache.directory}: pool row {bad} holds NaN or inf")
+            emb.setdefault(space, {})[modality] = out
+        weight = {
+            m: self.weights[m][index] if m in self.weights else torch.ones(len(index))
+            for m in self.modalities
+        }
+        columns = {k: v[index] for k, v in self.columns.items()}
+        return {"emb": emb, "weight": weight, "index": index, **columns}
 
 
 class EpochBatchSampler(Sampler[torch.Tensor]):
@@ -129,7 +229,13 @@ class EmbeddingDataModule(L.LightningDataModule):
     root: the cache root; tuples: a tuple table whose rows index the `pool` dataset's caches;
     needs: the (space, modality) arrays the model reads; dims: {(space, modality): dim} expected;
     val_pairs: modality pairs whose `<val_prefix>_<a>_<b>` datasets serve validation;
-    roots: per-space cache roots that differ from `root` (e.g. projected caches).
+    roots: per-space cache roots that differ from `root` (e.g. projected caches);
+    resident_mb: memory for whole caches (the smallest first); the others stay on disk and
+    each batch reads its rows (see CacheRows).
+
+    Train batches: {"emb": {space: {modality: (B, dim) float32}}, "weight": {modality: (B,)},
+    "start", "provenance", "index"}; a row whose tuple lacks modality m has zeros and weight 0
+    for m, and its weight is the table's conf_m otherwise (1 when the table has none).
     """
 
     def __init__(
@@ -145,6 +251,7 @@ class EmbeddingDataModule(L.LightningDataModule):
         num_workers: int = 0,
         val_prefix: str = "val",
         roots: Mapping[str, str | Path] | None = None,
+        resident_mb: float = 256,
     ) -> None:
         super().__init__()
         self.root, self.tuples = Path(root), Path(tuples)
@@ -154,6 +261,7 @@ class EmbeddingDataModule(L.LightningDataModule):
         self.val_pairs = [tuple(p) for p in val_pairs]
         self.batch_size, self.val_batch_size = batch_size, val_batch_size
         self.seed, self.num_workers, self.val_prefix = seed, num_workers, val_prefix
+        self.resident_mb = resident_mb
         self.train_set: BatchGather | None = None
         self.val_sets: list[BatchGather] = []
 
@@ -168,31 +276,49 @@ class EmbeddingDataModule(L.LightningDataModule):
         if self.train_set is None:
             self.train_set = self._tuple_set()
             self.val_sets = [self._paired_set(a, b) for a, b in self.val_pairs]
+            self._load_within_budget([self.train_set, *self.val_sets])
+
+    def _load_within_budget(self, sets: list[BatchGather]) -> None:
+        """Load the smallest caches whole while they fit `resident_mb`; the rest read per batch."""
+        caches = sorted((c for s in sets for c in s.arrays.values()), key=lambda c: c.nbytes)
+        left = self.resident_mb * 2**20
+        for cache in caches:
+            if cache.nbytes > left:
+                break
+            cache.load()
+            left -= cache.nbytes
+
+    def _open(self, dataset: str, wanted: Iterable[tuple[str, str]]) -> dict:
+        arrays = {
+            (s, m): CacheRows(cache_dir(self._root(s), dataset, s, m), self.dims.get((s, m)), s, m)
+            for s, m in wanted
+        }
+        self._check_aligned(dataset, arrays)
+        return arrays
 
     def _tuple_set(self) -> BatchGather:
         table, meta = load_tuples(self.tuples)
         pool = meta["pool"]
-        arrays = {(s, m): load_embeddings(self._root(s), pool, s, m, self.dims.get((s, m)))
-                  for s, m in self.needs}  # fmt: skip
-        rows = {}
-        for m in sorted({m for _, m in self.needs}):
-            idx = torch.from_numpy(table[m])
-            count = min(len(a) for (s, mm), a in arrays.items() if mm == m)
-            if len(idx) and (idx.min() < 0 or idx.max() >= count):
-                raise CacheError(
-                    f"{self.tuples}: column {m!r} indexes row {int(idx.max())}, but the {pool!r} "
-                    f"{m} caches hold {count} rows (tuples from another pool?)"
-                )
-            rows[m] = idx
-        self._check_aligned(pool, arrays)
+        modalities = sorted({m for _, m in self.needs})
+        lacking = [m for m in modalities if m not in table]
+        if lacking:
+            raise CacheError(
+                f"{self.tuples}: tuple table has no column for {lacking} (it covers "
+                f"{modalities_of(table)}), but the model reads {lacking}"
+            )
+        arrays = self._open(pool, self.needs)
+        check_pool_rows(self.tuples, table, {m: len(c) for (_, m), c in arrays.items()})
+        rows = {m: torch.from_numpy(np.asarray(table[m], np.int64)) for m in modalities}
+        weights = {m: weights_of(table, m) for m in modalities}
         columns = {k: torch.from_numpy(table[k].astype(np.int64)) for k in ("start", "provenance")}
-        return BatchGather(arrays, rows, columns, len(table["start"]))
+        return BatchGather(arrays, rows, columns, len(table["start"]), weights)
 
-    def _check_aligned(self, dataset: str, arrays: Mapping) -> None:
+    def _check_aligned(self, dataset: str, arrays: Mapping[tuple[str, str], CacheRows]) -> None:
         """All spaces' caches of one (dataset, modality) must hold the same items in order."""
         for m in MODALITIES:
-            spaces = [s for s, mm in arrays if mm == m]
-            dirs = [cache_dir(self._root(s), dataset, s, m) for s in spaces]
+            dirs = [c.directory for (_, mm), c in arrays.items() if mm == m]
+            if len(dirs) < 2:
+                continue
             ids = [EmbeddingCache(d).ids for d in dirs]
             for d, i in zip(dirs[1:], ids[1:], strict=True):
                 if len(i) != len(ids[0]) or not np.array_equal(i, ids[0]):
@@ -202,9 +328,7 @@ class EmbeddingDataModule(L.LightningDataModule):
 
     def _paired_set(self, a: str, b: str) -> BatchGather:
         dataset = f"{self.val_prefix}_{a}_{b}"
-        wanted = [(s, m) for s, m in self.needs if m in (a, b)]
-        arrays = {(s, m): load_embeddings(self._root(s), dataset, s, m, self.dims.get((s, m)))
-                  for s, m in wanted}  # fmt: skip
+        arrays = self._open(dataset, [(s, m) for s, m in self.needs if m in (a, b)])
         lengths = {len(x) for x in arrays.values()}
         if len(lengths) != 1:
             raise CacheError(f"{self.root / dataset}: its caches disagree on row count {lengths}")
