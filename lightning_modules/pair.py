@@ -19,6 +19,7 @@ Exact search itself lives in `lightning_modules/search.py`.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from collections.abc import Mapping, Sequence
@@ -126,16 +127,33 @@ def parse_routes(routes: Mapping[str, str]) -> dict[tuple[str, str], str]:
     return out
 
 
+def shortest_path(
+    s: str, t: str, routes: Mapping[tuple[str, str], str], modalities: Sequence[str]
+) -> list[str] | None:
+    """The fewest-hop path s -> ... -> t over routed pairs among `modalities`, or None.
+
+    Of equally short paths the one whose intermediates come first in MODALITIES order wins.
+    """
+    between = [m for m in MODALITIES if m in modalities and m not in (s, t)]
+    for n in range(len(between) + 1):
+        for via in itertools.permutations(between, n):
+            path = [s, *via, t]
+            if all(_pair_key(f"{x}_{y}", "pair") in routes for x, y in itertools.pairwise(path)):
+                return path
+    return None
+
+
 def plan_paths(
     starts: Sequence[str],
     routes: Mapping[tuple[str, str], str],
     chain: Mapping[str, str | Sequence[str]],
     modalities: Sequence[str] = MODALITIES,
 ) -> dict[str, dict[str, list[str]]]:
-    """{start: {target: [start, *intermediates, target]}}: a direct route, else the chain.
+    """{start: {target: [start, *intermediates, target]}}: a direct route, else a chain.
 
-    Targets are the other `modalities` of the run. A chain `a_b: [m]` serves both directions
-    (b -> m -> a reversed); every hop needs a route.
+    Targets are the other `modalities` of the run. A chain `a_b: [m]` of pair.chain serves both
+    directions (b -> m -> a reversed); every hop needs a route. A pair with neither, or whose
+    chain passes a modality outside the run, takes the shortest path over the routes.
     """
     chains: dict[tuple[str, str], list[str]] = {}
     for key, via in (chain or {}).items():
@@ -159,20 +177,24 @@ def plan_paths(
             if pair in routes:
                 plan[s][t] = [s, t]
                 continue
-            if pair not in chains:
+            if pair in chains and set(chains[pair]) <= set(modalities):
+                path = chains[pair] if chains[pair][0] == s else chains[pair][::-1]
+                for x, y in itertools.pairwise(path):
+                    if _pair_key(f"{x}_{y}", "pair") not in routes:
+                        raise ValueError(
+                            f"pair.chain.{pair[0]}_{pair[1]} hops {x}->{y}, but pair.routes has "
+                            f"no space linking {x} and {y}"
+                        )
+                plan[s][t] = path
+                continue
+            path = shortest_path(s, t, routes, modalities)
+            if path is None:
                 raise ValueError(
                     f"no route for {pair[0]}-{pair[1]}: pair.routes has no {pair[0]}_{pair[1]} "
-                    f"space and pair.chain does not chain it (routes: "
+                    f"space and no chain of routes links them (routes: "
                     f"{ {f'{a}_{b}': v for (a, b), v in routes.items()} }); add one, or leave "
-                    f"{pair[1]} out with pair.modalities"
+                    f"one out with pair.modalities"
                 )
-            path = chains[pair] if chains[pair][0] == s else chains[pair][::-1]
-            for x, y in zip(path, path[1:], strict=False):
-                if _pair_key(f"{x}_{y}", "pair") not in routes:
-                    raise ValueError(
-                        f"pair.chain.{pair[0]}_{pair[1]} hops {x}->{y}, but pair.routes has no "
-                        f"space linking {x} and {y}"
-                    )
             plan[s][t] = path
     return plan
 

@@ -48,9 +48,28 @@ def test_routes_and_chains_plan_every_pair() -> None:
     assert longer["point"]["audio"] == ["point", "text", "audio"]
 
 
+def test_unchained_pairs_take_the_shortest_path_over_routes() -> None:
+    # point-audio has no route: point->image->audio and point->text->audio tie; image is first.
+    assert plan_paths(["audio"], ROUTES, {})["audio"]["point"] == ["audio", "image", "point"]
+    routes = {p: s for p, s in ROUTES.items() if p != ("audio", "image")}
+    plan = plan_paths(["audio"], routes, {})["audio"]
+    assert plan["point"] == ["audio", "text", "point"] and plan["image"] == [
+        "audio",
+        "text",
+        "image",
+    ]
+    # CLAP bound to a CLIP anchor: audio and image meet through text, no chain configured.
+    clip = {("audio", "text"): "clap", ("image", "text"): "clip"}
+    plan = plan_paths(["image"], clip, {"audio_point": ["image"]}, ["audio", "image", "text"])
+    assert plan == {"image": {"audio": ["image", "text", "audio"], "text": ["image", "text"]}}
+    # A configured chain wins over a shorter one, even through more modalities.
+    assert plan_paths(["point"], ROUTES, {"point_audio": ["text"]})["point"]["audio"] == [
+        "point", "text", "audio"]  # fmt: skip
+
+
 def test_plan_names_the_missing_route() -> None:
     with pytest.raises(ValueError, match="no route for point-audio"):
-        plan_paths(["audio"], ROUTES, {})
+        plan_paths(["audio"], {("audio", "text"): "clap"}, {}, ["point", "audio", "text"])
     routes = {p: s for p, s in ROUTES.items() if p != ("point", "image")}
     with pytest.raises(ValueError, match=r"hops image->point.*no space linking image and point"):
         plan_paths(["audio"], routes, {"audio_point": "image"})
@@ -191,7 +210,7 @@ def test_stage_faiss_topk_and_dedupe(compose_cfg, small_world: Path) -> None:
 
 def test_stage_names_a_pair_without_route(compose_cfg, small_world: Path) -> None:
     with pytest.raises(ValueError, match="no route for point-audio"):
-        train(compose_cfg(*PAIR, "~pair.chain.audio_point"))
+        train(compose_cfg(*PAIR, "pair.modalities=[point,audio]"))
     with pytest.raises(ValueError, match=r"point_text=clap.*does not embed \['point'\]"):
         train(compose_cfg(*PAIR, "pair.routes.point_text=clap"))
 
