@@ -3,9 +3,10 @@
 `python train.py stage=pair` (paper §3.1). Each modality of `pair.starts` in turn is the starting
 point; every other modality's item is the exact maximum-inner-product top-1 of the starting item
 in the space that `pair.routes` names for that pair. A pair with no route is chained through the
-modalities that `pair.chain` names (audio -> image -> point): each hop takes the top-1 of the
-previous item. A run covers `pair.modalities` (auto: those the routes link whose pools exist), so
-audio, image and text pair without 3D, or image and text alone; tuples hold -1 for the rest.
+modalities that `pair.chain` names (audio -> image -> point), else along the shortest path over
+the routes: each hop takes the top-1 of the previous item. A run covers `pair.modalities` (auto:
+those the routes link whose pools exist), so audio, image and text pair without 3D, or image and
+text alone; tuples hold -1 for the rest.
 
 Cleaning (`pair.clean`) acts per pair term, not per tuple: a rule that distrusts a hop drops the
 item it retrieved, and every item chained through it, to -1 (missing); `soft` weighs items by
@@ -39,8 +40,10 @@ from datamodules.cache import (
 )
 from datamodules.tuples import modalities_of, save_tuples
 from encoders.modalities import MODALITIES, PROVENANCES, check_modality, resolve_device
-from lightning_modules.common import ensure_data, make_logger, space_configs, to_plain
+from lightning_modules import lineage
+from lightning_modules.config import ensure_data, space_configs, to_plain
 from lightning_modules.search import csls_bias, pool_rows, search, search_steps, take_rows
+from lightning_modules.training import make_logger
 
 log = logging.getLogger(__name__)
 SUMMARY = "pairs_summary.json"
@@ -807,7 +810,7 @@ def run(cfg: DictConfig) -> float | None:
         summary["soft_top_conf"] = top_conf
     atomic_write_json(output.with_name(SUMMARY), summary)
     log.info("pair: %d tuples -> %s", len(final["start"]), output)
-    _log_metrics(cfg, stages)
+    lineage.log_pair(_log_metrics(cfg, stages), output, summary)  # its table and Artifact
     if labels is not None:
         log.info("pair: concept agreement %s (chance %s)",
                  {m: round(v, 3) for m, v in summary["concept_agreement"].items()},
@@ -816,14 +819,15 @@ def run(cfg: DictConfig) -> float | None:
     return None
 
 
-def _log_metrics(cfg: DictConfig, stages: Sequence[Mapping]) -> None:
-    """Each rule's kept fraction and agreement to the configured logger, if any."""
+def _log_metrics(cfg: DictConfig, stages: Sequence[Mapping]):
+    """Each rule's kept fraction and agreement to the configured logger, if any; returns it."""
     logger = make_logger(cfg)
     if not logger:
-        return
+        return logger
     metrics: dict[str, float] = {}
     for entry in stages:
         metrics.update(flat_metrics({k: v for k, v in entry.items() if k != "rule"},
                                     f"pair/{entry['rule']}"))  # fmt: skip
     logger.log_metrics(metrics, step=0)
     logger.finalize("success")
+    return logger
