@@ -536,7 +536,7 @@ def _run_modalities(
             absent = [m for m in (a, b) if root is not None
                       and not cache_is_complete(cache_dir(root, dataset, space, m))]  # fmt: skip
             if absent:
-                skipped[f"{a}_{b}"] = f"no {dataset} pool of {absent} in {space}"
+                skipped[f"{a}_{b}"] = f"{space} has no {dataset!r} cache of {absent}"
         kept = {p: s for p, s in routes.items() if f"{p[0]}_{p[1]}" not in skipped}
         modalities = [m for m in MODALITIES if any(m in p for p in kept)]
     else:
