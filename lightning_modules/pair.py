@@ -640,19 +640,20 @@ def run(cfg: DictConfig) -> float | None:
             raise ValueError(f"pair.topk={kk} exceeds the {y} pool ({sizes[y]} items)")
     if clean.cross_k and clean.cross_k > min(sizes.values()):
         raise ValueError(f"pair.clean.cross_k={clean.cross_k} exceeds a pool ({sizes})")
-    # Search passes: (space, a, b, {direction: k}, CSLS or not); a route serves both directions.
+    # Search passes: (space, a, b, {direction: k}, CSLS?, second space?); one pass serves both
+    # directions of a route; a second space's pass gives the cross-space top-k.
     passes = []
     for (a, b), name in routes.items():
         want = {d: hops_k[d] for d in ((a, b), (b, a)) if d in hops_k}
-        passes.append((name, a, b, want, clean.csls > 0))
+        passes.append((name, a, b, want, clean.csls > 0, False))
         if cross.get((a, b)) and clean.cross_k:
-            passes.append((cross[(a, b)], a, b, dict.fromkeys(want, clean.cross_k), False))
+            passes.append((cross[(a, b)], a, b, dict.fromkeys(want, clean.cross_k), False, True))
     device = resolve_device(pc.device)
     chunk, gchunk, backend = int(pc.chunk), int(pc.gallery_chunk), str(pc.backend)
     kw = dict(backend=backend, chunk=chunk, gallery_chunk=gchunk, device=device)
     total = sum(search_steps(sizes[a], sizes[b], (a, b) in w, (b, a) in w, backend, chunk, gchunk)
                 + (csls and search_steps(sizes[a], sizes[b], True, True, backend, chunk, gchunk))
-                for _, a, b, w, csls in passes)  # fmt: skip
+                for _, a, b, w, csls, _ in passes)  # fmt: skip
 
     nearest: dict[tuple[str, str], tuple[np.ndarray, np.ndarray]] = {}
     second: dict[tuple[str, str], np.ndarray] = {}  # cross_k rows in the second space
@@ -663,7 +664,7 @@ def run(cfg: DictConfig) -> float | None:
     with Progress(*columns, disable=not pc.progress) as bar:
         task = bar.add_task("pair: exact top-k search", total=total)
         advance = lambda n: bar.advance(task, n)  # noqa: E731
-        for name, a, b, want, csls in passes:
+        for name, a, b, want, csls, is_second in passes:
             bar.update(task, description=f"pair: {a}-{b} in {name}")
             ta = time.perf_counter()
             xa, xb = pool_rows(caches[(name, a)]), pool_rows(caches[(name, b)])
@@ -678,13 +679,14 @@ def run(cfg: DictConfig) -> float | None:
             for key, (x, y) in (("a_to_b", (a, b)), ("b_to_a", (b, a))):
                 if key not in res:
                     continue
-                scores, rows = res[key]
-                if name == routes[_pair_key(f"{a}_{b}", "pair")]:
-                    nearest[(x, y)] = (scores[:, : want[(x, y)]], rows[:, : want[(x, y)]])
-                else:
+                scores, rows = res[key][0][:, : want[(x, y)]], res[key][1][:, : want[(x, y)]]
+                if is_second:
                     second[(x, y)] = rows
+                else:
+                    nearest[(x, y)] = (scores, rows)
                 report.append(dict(space=name, query=x, gallery=y, queries=len(rows),
                                    gallery_rows=sizes[y], topk=want[(x, y)], csls=bool(csls),
+                                   role="cross_space" if is_second else "route",
                                    mean_top1_score=float(scores[:, 0].mean())))  # fmt: skip
             log.info("pair: %s-%s in %s: %.1f s", a, b, name, time.perf_counter() - ta)
     seconds = time.perf_counter() - t0
