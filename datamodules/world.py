@@ -482,12 +482,40 @@ def _zeroshot(world: World, modality: str, multilabel: bool = False) -> dict[str
     return {modality: items, "text": prompts}
 
 
+def _video(world: World, split: str) -> dict[str, dict]:
+    """Video-caption pairs (MSR-VTT-like, one caption each). A video is `frames` views of one
+    instance, each with its own nuisance (pose, light: latent jitter) and a photo or render look;
+    its cache is the `image` modality, frames embedded one by one and averaged (`frames` key)."""
+    spec = world.cfg["video"]
+    frames, jitter = int(spec["frames"]), float(spec["frame_noise"])
+    labels = np.repeat(world.split[split], int(world.cfg["per_concept"]))
+    n = len(labels)
+    latents = world.instances(labels, _rng(world.seed, split, "video", "instances"))
+    r = _rng(world.seed, split, "video", "image")
+    look = np.where(r.random(n) < float(spec["render_fraction"]), "render", "photo")
+    u = np.repeat(latents, frames, 0)
+    u = u + jitter * r.standard_normal(u.shape, np.float32)
+    views = np.repeat(look, frames)
+    items = np.arange(n, dtype=np.int64)
+    extras = {"labels": labels.astype(np.int64), "items": items}
+    if world.coarse is not None:
+        extras["coarse"] = world.coarse[labels].astype(np.int64)
+    tviews = np.array(["caption_image"] * n)  # MSR-VTT captions describe what is seen
+    tx = world.observe(latents, tviews, _rng(world.seed, split, "video", "text"))
+    return {
+        "image": dict(x=world.observe(u, views, r), views=views, frames=frames, extras=extras),
+        "text": dict(x=tx, views=tviews, extras=dict(extras)),
+    }
+
+
 def _datasets(world: World) -> dict[str, callable]:
     """Every dataset of the world: name -> function returning {modality: observations}."""
     out: dict[str, callable] = {"pool": lambda: {m: _pool(world, m) for m in MODALITIES}}
     for split in ("val", "test"):
         for a, b in PAIRS:
             out[f"{split}_{a}_{b}"] = lambda s=split, a=a, b=b: _paired(world, s, a, b)
+        if world.cfg.get("video") is not None:
+            out[f"{split}_video_text"] = lambda s=split: _video(world, s)
     for m in ("point", "audio", "image"):
         out[f"zs_{m}"] = lambda m=m: _zeroshot(world, m)
     out["zs_audio_multilabel"] = lambda: _zeroshot(world, "audio", multilabel=True)
@@ -499,6 +527,8 @@ def _dataset_modalities(name: str) -> tuple[str, ...]:
         return MODALITIES
     if name.startswith("zs_"):
         return (name.split("_")[1], "text")
+    if name.endswith("_video_text"):  # videos are cached as images (frames averaged)
+        return ("image", "text")
     return tuple(name.split("_")[1:3])
 
 
@@ -510,6 +540,7 @@ WORLD_KEYS = (
 # The v2 keys enter a fingerprint only when set, so v1 caches keep their fingerprints.
 V2_KEYS = (
     "hierarchy", "aspect_sharing", "pool_coverage", "audio_labels", "vague_captions", "calibrated",
+    "video",
 )  # fmt: skip
 
 
@@ -555,6 +586,9 @@ def ensure_world(cfg: Mapping, spaces: Mapping[str, Mapping]) -> Path:
             obs = observations[m]
             r = _rng(world.seed, dataset, m, world.rng_name(name, m))
             emb = world.encode(name, m, obs["x"], obs["views"], r)
+            if obs.get("frames"):  # a video: the mean of its frames' embeddings, re-normalised
+                emb = emb.reshape(-1, obs["frames"], emb.shape[1]).mean(1)
+                emb /= np.linalg.norm(emb, axis=1, keepdims=True)
             writer = CacheWriter(
                 d, space=name, modality=m, dim=emb.shape[1], dtype=cfg["dtype"],
                 normalized=True, fingerprint=fp, overwrite=True,
@@ -562,7 +596,7 @@ def ensure_world(cfg: Mapping, spaces: Mapping[str, Mapping]) -> Path:
             writer.append(emb, np.arange(len(emb), dtype=np.int64), **obs["extras"])
             writer.close(dataset=dataset, source="synthetic world")
     _write_oracle_tuples(cfg, root)
-    _write_benchmarks(root)
+    _write_benchmarks(root, video=cfg.get("video") is not None)
     return root
 
 
@@ -593,18 +627,27 @@ def _write_oracle_tuples(cfg: Mapping, root: Path) -> None:
     atomic_write_json(path.parent / "manifest.json", {"fingerprint": fp, "count": n})
 
 
-def _write_benchmarks(root: Path) -> None:
+def _write_benchmarks(root: Path, video: bool = False) -> None:
     """The benchmark manifests (val and test) that the evaluate stage and validation read.
 
-    The format is documented in lightning_modules/evaluate.py.
+    The format is documented in lightning_modules/benchmarks.py. With video, a `world_video_text`
+    row (MSR-VTT-like) follows the six modality pairs.
     """
     for split in ("val", "test"):
+        videos = [
+            dict(
+                name="world_video_text", dataset=f"{split}_video_text", modalities=["video", "text"]
+            )
+        ]
         spec = dict(
             name=f"world-{split}",
             root=".",
             retrieval=[
-                dict(name=f"world_{a}_{b}", dataset=f"{split}_{a}_{b}", modalities=[a, b])
-                for a, b in PAIRS
+                *(
+                    dict(name=f"world_{a}_{b}", dataset=f"{split}_{a}_{b}", modalities=[a, b])
+                    for a, b in PAIRS
+                ),
+                *(videos if video else []),
             ],
             zeroshot=[]
             if split == "val"

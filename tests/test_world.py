@@ -337,3 +337,20 @@ def test_v2_tower_must_exist(compose_cfg) -> None:
     space["world"].pop("v2")
     with pytest.raises(ValueError, match=r"space 'mine': data.calibrated=true needs a `world.v2`"):
         ensure_world(cfg.data, {"mine": space})
+
+
+def test_v2_video_text_sets(v2_world) -> None:
+    root, data = v2_world
+    n = data.n_test_concepts * data.per_concept
+    video, text = (_cache(root, "test_video_text", "eva02_e", m) for m in ("image", "text"))
+    assert video.count == text.count == n and video.normalized
+    np.testing.assert_allclose(
+        np.linalg.norm(video.load().astype(np.float32), axis=1), 1, atol=2e-3
+    )
+    np.testing.assert_array_equal(video.extra("items"), text.extra("items"))
+    # Frame-averaged videos still retrieve their captions far above chance (1/500).
+    assert _r1(root, "test_video_text", "eva02_e", "text", "image") > 0.1
+    bench = json.loads((root / "benchmarks_test.json").read_text())
+    rows = {r["name"]: r for r in bench["retrieval"]}
+    assert rows["world_video_text"]["modalities"] == ["video", "text"]
+    assert rows["world_video_text"]["dataset"] == "test_video_text"
