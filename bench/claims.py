@@ -51,13 +51,13 @@ def small_world() -> list[str]:
     raise ValueError("tests/conftest.py: no SMALL_WORLD tuple of overrides found")
 
 
-def run_pipeline(runs: Path, world: int, train: int, overrides: list[str]) -> Path:
-    """results.json of the main job for this seed pair, run now unless it already exists."""
+def run_pipeline(runs: Path, world: int, train: int, overrides: list[str]) -> tuple[Path, str]:
+    """results.json of the main job for this seed pair (run now unless it exists), and its code."""
     out = runs / f"world{world}_train{train}"
-    results = out / "runs" / "pipeline-base" / "results.json"
+    results, record = out / "runs" / "pipeline-base" / "results.json", out / "claims_run.json"
     if results.is_file():
         print(f"claims: world {world}, train {train}: {results} exists, skipped", flush=True)
-        return results
+        return results, json.loads(record.read_text())["commit"] if record.is_file() else "?"
     out.mkdir(parents=True, exist_ok=True)
     data = runs / f"world{world}_data"  # one world per seed, shared by its training seeds
     command = [sys.executable, "train.py", f"paths.output_dir={out}", f"paths.data_dir={data}",
@@ -68,7 +68,11 @@ def run_pipeline(runs: Path, world: int, train: int, overrides: list[str]) -> Pa
     if code != 0 or not results.is_file():
         raise SystemExit(f"claims: the run for world {world}, train {train} failed (exit {code}, "
                          f"expected {results}); its output is in {out / 'claims.log'}")  # fmt: skip
-    return results
+    # A resumed sweep mixes runs made at different times: record which code made each.
+    git = ["git", "describe", "--always", "--dirty"]
+    made = subprocess.run(git, cwd=REPO, capture_output=True, text=True).stdout.strip() or "?"
+    record.write_text(json.dumps({"commit": made}) + "\n")
+    return results, made
 
 
 def scores(results: dict) -> dict[str, dict[str, float]]:
@@ -78,9 +82,7 @@ def scores(results: dict) -> dict[str, dict[str, float]]:
         entry = results.get("methods", {}).get(method)
         if not entry or not entry.get("retrieval"):
             continue
-        r1 = {
-            k.removesuffix("/R@1"): v for k, v in entry["retrieval"].items() if k.endswith("/R@1")
-        }
+        r1 = {k[:-4]: v for k, v in entry["retrieval"].items() if k.endswith("/R@1")}
         text = [v for k, v in r1.items() if "text" in k.split("_to_")]
         out[method] = {"mean": float(np.mean(list(r1.values()))), **r1}
         if text:
@@ -170,7 +172,7 @@ def plot(summary: dict, path: Path, title: str) -> None:
 
     metrics = summary["metrics"]
     methods = {m: ivs for m, ivs in summary["methods"].items() if ivs["mean"]["n"]}
-    fig, ax = plt.subplots(figsize=(max(8, 0.8 * len(metrics) * len(methods) / 3), 4.5))
+    fig, ax = plt.subplots(figsize=(max(8, 0.9 * len(metrics)), 5))
     width = 0.8 / max(len(methods), 1)
     for i, (m, ivs) in enumerate(methods.items()):
         x = np.arange(len(metrics)) + (i - (len(methods) - 1) / 2) * width
@@ -180,8 +182,9 @@ def plot(summary: dict, path: Path, title: str) -> None:
     ax.set_xticks(np.arange(len(metrics)), [SUMMARIES.get(k, k) for k in metrics], rotation=45,
                   ha="right", fontsize=8)  # fmt: skip
     ax.set_ylabel("R@1 (%), mean ± 95% CI")
+    ax.set_ylim(0, 100)  # R@1's range: an interval wider than that is cut at the frame
     ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=8, ncol=len(methods))
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -213,8 +216,9 @@ def main(argv: list[str] | None = None) -> None:
     per_run = []
     for w in worlds:
         for t in trains:
-            results = json.loads(run_pipeline(runs, w, t, overrides).read_text())
-            per_run.append({"world": w, "train": t, "scores": scores(results)})
+            path, made = run_pipeline(runs, w, t, overrides)
+            per_run.append({"world": w, "train": t, "commit": made,
+                            "scores": scores(json.loads(path.read_text()))})  # fmt: skip
     summary = summarize([r["scores"] for r in per_run])
     command = " ".join(["python bench/claims.py", *argv])
     header = (
@@ -222,6 +226,10 @@ def main(argv: list[str] | None = None) -> None:
         f"training seeds {trains}, n = {len(per_run)} runs; overrides {overrides or 'none'}. "
         "Mean ± 95% CI (Student t over the runs), R@1 in %."
     )
+    commits = sorted({r["commit"] for r in per_run})
+    header += f" Code: {', '.join(commits)}."
+    if len(commits) > 1:  # resumed across code changes: the runs may not be comparable
+        header += " **Warning: the runs were made by different code; delete runs/ to redo.**"
     text = markdown(summary, header)
     print(text)
     stem = OUT / f"claims-{tag}"

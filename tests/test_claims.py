@@ -69,7 +69,7 @@ def test_paired_difference_cancels_the_world_and_missing_method_is_absent():
 
 
 def test_outputs_written(tmp_path, monkeypatch):
-    """main() on existing run folders writes md/json/csv/png and ends with the RESULT line."""
+    """main() on existing runs (none rerun) writes md/json/csv/png and ends with the RESULT line."""
     monkeypatch.setattr(claims, "OUT", tmp_path)
     for w in (0, 1):
         for t in (0, 1):
@@ -78,6 +78,10 @@ def test_outputs_written(tmp_path, monkeypatch):
             base = 0.4 + 0.1 * w + 0.01 * t
             r = results(average=(base,) * 4, fixed=(base + 0.02,) * 4, routed=(base - 0.01,) * 4)
             (path / "results.json").write_text(json.dumps(r))
+    # One run records the code that made it, the others do not ("?"): the sweep mixes code.
+    (tmp_path / "runs" / "full" / "world1_train1" / "claims_run.json").write_text(
+        '{"commit": "abc"}'
+    )
     out = []
     monkeypatch.setattr("builtins.print", lambda *a, **k: out.append(" ".join(map(str, a))))
     claims.main(["--world-seeds", "0", "1", "--train-seeds", "0", "1"])
@@ -86,5 +90,7 @@ def test_outputs_written(tmp_path, monkeypatch):
     assert record["differences"]["fixed - average"]["mean"]["mean"] == pytest.approx(0.02)
     rows = list(csv.DictReader(open(tmp_path / "claims-full.csv")))
     assert {"methods", "differences"} == {r["kind"] for r in rows}
-    assert "reversed" in (tmp_path / "claims-full.md").read_text()
+    assert [r["commit"] for r in record["runs"]] == ["?", "?", "?", "abc"]
+    text = (tmp_path / "claims-full.md").read_text()
+    assert "reversed" in text and "Code: ?, abc. **Warning" in text
     assert (tmp_path / "claims-full.png").stat().st_size > 1000
