@@ -25,6 +25,7 @@ from datamodules.artifacts import (
     verify_file,
 )
 from encoders.modalities import LETTERS, MODALITIES, PAIRS
+from lightning_modules import lineage
 from lightning_modules.config import ensure_data, tuples_path, tuples_record
 from lightning_modules.losses import info_nce
 from lightning_modules.metrics import compute_directions, direction_metrics
@@ -260,4 +261,5 @@ def run(cfg: DictConfig) -> float:
         record = tuples_record(cfg, cfg.bind.pairs, root)
         export_bound_space(best, cfg.bind.export_dir, best_val_mean_R1=score, **record)
         log.info("bound space %s exported to %s", space.name, cfg.bind.export_dir)
+        lineage.log_bind(trainer.logger, cfg, root)  # W&B: tuples in, bound space out
     return score

@@ -21,10 +21,11 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from datamodules.cache import atomic_write, atomic_write_json
 from encoders.modalities import resolve_device
+from lightning_modules import lineage
 from lightning_modules.benchmarks import Benchmarks, load_benchmarks, manifest_path
 from lightning_modules.common import ensure_data, make_logger
 from lightning_modules.methods import Method, make_method
-from lightning_modules.results import compact_summary, log_wandb, markdown
+from lightning_modules.results import compact_summary, markdown
 from lightning_modules.scoring import TIES, evaluate_method, mean_r1
 
 log = logging.getLogger(__name__)
@@ -91,12 +92,12 @@ def run(cfg: DictConfig) -> float | None:
     atomic_write_json(out / "results.json", results)
     text = markdown(results, benchmarks)
     atomic_write(out / "results.md", lambda f: f.write(text.encode()))
+    log.info("evaluate: wrote %s and %s", out / "results.json", out / "results.md")
+    logger = make_logger(cfg)
+    lineage.log_evaluate(logger, cfg, results, benchmarks)  # the table; W&B: what it scored
+    if lineage.is_wandb(cfg):
+        logger.experiment.finish()  # now: W&B's closing lines must come before the summary
     # The full table is wider than a terminal: results.md holds it, the console a summary.
     print(f"evaluate: {benchmarks.name} (%)\n{compact_summary(results)}\nall results: "
           f"{out / 'results.md'}")  # fmt: skip
-    log.info("evaluate: wrote %s and %s", out / "results.json", out / "results.md")
-    if cfg.get("logger") and "Wandb" in str(cfg.logger.get("_target_", "")):
-        experiment = make_logger(cfg).experiment
-        log_wandb(experiment, results, benchmarks)
-        experiment.finish()
     return results["methods"][methods[0].name]["summary"]["mean_R@1"]

@@ -20,6 +20,7 @@ from datamodules.cache import CacheError
 from datamodules.tuples import load_tuples
 from lightning_modules import bind, evaluate, pair, route
 from lightning_modules.config import pairs_source, to_plain
+from lightning_modules.lineage import stage_changes
 from lightning_modules.omni import EXPORT_WEIGHTS as OMNI_WEIGHTS
 from lightning_modules.omni import OmniModel
 
@@ -93,7 +94,7 @@ def _pair(cfg: DictConfig) -> str:
         _digest(cfg, [*DATA_KEYS, "pair"]),
         lambda: file_sha256(out),
         lambda: load_tuples(out),
-        lambda: pair.run(_sub(cfg, run_name="pair")),
+        lambda: pair.run(_sub(cfg, run_name="pair", **stage_changes(cfg, "pair"))),
     )
 
 
@@ -102,7 +103,7 @@ def _bind_all(cfg: DictConfig, tuples: str, suffix: str = "") -> dict[str, str]:
     bound = {}
     for name, space in cfg.variant.spaces.items():
         directory = Path(cfg.route.bound_dir) / name
-        sub = _sub(cfg, space=space, run_name=f"bind-{name}{suffix}")
+        sub = _sub(cfg, space=space, run_name=f"bind-{name}{suffix}", **stage_changes(cfg, "bind"))
         sub.bind.export_dir = str(directory)
         keys = [*DATA_KEYS, "space", "bind", "model.bind", "loss.temperature", "loss.weights"]
         bound[name] = _step(
@@ -121,6 +122,7 @@ def _route(cfg: DictConfig, name: str, overrides: dict, inputs: dict) -> Path:
     """Train (unless fresh) the route run `name`; returns its export directory."""
     export = Path(cfg.evaluate.omni_dir) / cfg.variant.name / name
     changes = {"route.export_dir": str(export), "run_name": f"route-{cfg.variant.name}-{name}"}
+    changes |= stage_changes(cfg, "route")
     sub = _sub(cfg, **changes, **overrides)
     _step(
         cfg,
@@ -160,8 +162,11 @@ def run(cfg: DictConfig) -> float | None:
         if name == "routed":
             methods.append(f"average=omni:{where}:average")
         methods.append(f"{name}=omni:{where}")
-    sub = _sub(cfg, **{"evaluate.methods": methods, "evaluate.output_dir": cfg.run_dir})
-    evaluate.run(sub)
+    changes = {"evaluate.methods": methods, "evaluate.output_dir": cfg.run_dir}
+    evaluate.run(_sub(cfg, **changes, **stage_changes(cfg, "evaluate")))
+    # The last screen: evaluate's summary and results.md, then the routers' weight plots.
+    runs = [Path(_sub(cfg, run_name=f"route-{cfg.variant.name}-{n}").run_dir) for n in exports]
+    print("\n".join(f"router weights: {r / 'router_weights.png'}" for r in runs))
     results = json.loads((Path(cfg.run_dir) / "results.json").read_text())
     best = results["methods"].get("routed") or next(iter(results["methods"].values()))
     return best["summary"]["mean_R@1"]

@@ -16,11 +16,13 @@ import matplotlib
 import numpy as np
 import torch
 from omegaconf import DictConfig
+from rich.progress import track
 from torchmetrics import MeanMetric
 
 from datamodules.artifacts import file_sha256
 from datamodules.cache import CacheError, CacheWriter, EmbeddingCache, cache_dir, read_manifest
 from encoders.modalities import MODALITIES, PAIRS, PROVENANCES
+from lightning_modules import lineage
 from lightning_modules.bind import EXPORT_WEIGHTS, load_bound_space
 from lightning_modules.config import (
     ensure_data,
@@ -271,11 +273,12 @@ def run(cfg: DictConfig) -> float:
     tuples = tuples_path(cfg, cfg.route.pairs, root)
     val_pairs = [(a, b) for a, b in PAIRS if a in groups and b in groups]
     pool = "pool"
-    for dataset in [pool, *(f"val_{a}_{b}" for a, b in val_pairs)]:
-        for m in groups:
-            ensure_projected(
-                root, proj_root, bound, Path(cfg.route.bound_dir), dataset, m, cfg.data.dtype
-            )
+    jobs = [(d, m) for d in [pool, *(f"val_{a}_{b}" for a, b in val_pairs)] for m in groups]
+    hide = not cfg.trainer.get("enable_progress_bar", True)
+    for dataset, m in track(jobs, "route: projecting the bound spaces", disable=hide):
+        ensure_projected(
+            root, proj_root, bound, Path(cfg.route.bound_dir), dataset, m, cfg.data.dtype
+        )
     needs = {(s + PROJECTED if s != anchor else s, m) for m, gs in groups.items() for s in gs}
     needs |= {(p, m) for m, ps in layout["predictors"].items() for p in ps}
     roots = {s + PROJECTED: proj_root for s in sources}
@@ -310,4 +313,5 @@ def run(cfg: DictConfig) -> float:
         if logger is not None and hasattr(logger, "log_image"):
             logger.log_image(key="router_weights", images=[str(png)])
         log.info("omni model (%s) exported to %s", cfg.route.kind, cfg.route.export_dir)
+        lineage.log_route(logger, cfg, root)  # W&B: tuples and bound spaces in, omni model out
     return score

@@ -39,6 +39,17 @@ def precision(value: str | int | None) -> str | int:
 WANDB_ID_FILE = "wandb_id"  # in the run dir: the W&B run that resume=true reconnects
 
 
+class _NoProductTips(logging.Filter):
+    """Drops Lightning's product tips (litlogger, litmodels), printed at every Trainer start."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "\N{ELECTRIC LIGHT BULB} Tip:" not in str(record.msg)
+
+
+# Lightning logs them through rank_zero_info on this logger, once per Trainer (~9 a pipeline).
+logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_NoProductTips())
+
+
 def make_logger(cfg: DictConfig):
     """The configured Lightning logger (it gets the resolved config), or False for logger=none."""
     if not cfg.get("logger"):
@@ -108,6 +119,24 @@ class WandbSummary(L.Callback):
             logger.experiment.summary[f"{ckpt.monitor}_best"] = float(ckpt.best_model_score)
 
 
+class StepLogCadence(L.Callback):
+    """Logs training steps at least once an epoch: trainer.log_every_n_steps is capped at the
+    epoch's number of batches (Lightning warns, and logs no step, when it exceeds them)."""
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        datamodule = trainer.datamodule
+        if stage != "fit" or datamodule is None:
+            return
+        # The datamodule is set up before the callbacks; its loader is cheap to build.
+        batches = len(datamodule.train_dataloader())
+        limit = trainer.limit_train_batches
+        if isinstance(limit, int):
+            batches = min(batches, limit)
+        elif isinstance(limit, float):
+            batches = int(batches * limit)
+        trainer.log_every_n_steps = max(1, min(trainer.log_every_n_steps, batches))
+
+
 def make_callbacks(cfg: DictConfig, logger) -> list[L.Callback]:
     """The `callbacks` group, instantiated; a callback set to null is off.
 
@@ -129,6 +158,8 @@ def make_trainer(cfg: DictConfig, epochs: int, callbacks: list, logger=None) -> 
     """A Trainer from `cfg.trainer`; the stage's epoch count unless trainer.max_epochs is set."""
     Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
     logger = make_logger(cfg) if logger is None else logger
+    if logger:
+        callbacks = [*callbacks, StepLogCadence()]
     if isinstance(logger, WandbLogger):
         callbacks = [*callbacks, WandbSummary()]
     trainer = hydra.utils.instantiate(
