@@ -15,12 +15,15 @@ from hydra.core.hydra_config import HydraConfig  # noqa: E402
 from hydra.types import RunMode  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
+from lightning_modules.schema import validate  # noqa: E402
+
 # Overrides that say how a job runs, not what it trains: they do not name a multirun job.
 OPERATIONAL = ("resume", "force", "run_name", "logger", "trainer", "paths", "hydra")
 
 
 def train(cfg: DictConfig) -> float | None:
     """Seed, then run the configured stage; returns its optimised metric (for sweepers)."""
+    validate(cfg)  # a missing or wrong-typed key fails here, before any stage work
     L.seed_everything(cfg.seed, workers=True)
     failed = True
     try:
