@@ -148,7 +148,7 @@ def test_wandb_goes_offline_without_an_api_key(compose_cfg, monkeypatch, tmp_pat
     # The run is not started here: were detection wrong, it would go online.
     monkeypatch.setattr(WandbLogger, "log_hyperparams", lambda self, params: None)
     cfg = compose_cfg(*BIND, "logger=wandb")
-    with caplog.at_level(logging.WARNING, "lightning_modules.common"):
+    with caplog.at_level(logging.WARNING, "lightning_modules.training"):
         logger = make_logger(cfg)
     assert logger._wandb_init["mode"] == "offline"
     assert logger._wandb_init["project"] == "omnibind"
@@ -165,7 +165,7 @@ def test_wandb_goes_offline_without_an_api_key(compose_cfg, monkeypatch, tmp_pat
 
 def test_resume_without_a_checkpoint_starts_fresh(compose_cfg, caplog) -> None:
     cfg = compose_cfg(*BIND, "resume=true")
-    with caplog.at_level(logging.WARNING, "lightning_modules.common"):
+    with caplog.at_level(logging.WARNING, "lightning_modules.training"):
         assert resume_checkpoint(cfg) is None
     assert "does not exist: starting bind-clap fresh" in caplog.text
     assert resume_checkpoint(compose_cfg(*BIND)) is None  # resume=false never resumes
@@ -202,7 +202,7 @@ def test_resume_continues_the_run_and_its_wandb_run(wandb_run: dict, caplog) -> 
     wandb_id = (Path(cfg.run_dir) / WANDB_ID_FILE).read_text()
     with open_dict(cfg):
         cfg.resume, cfg.trainer.max_epochs = True, 3
-    with caplog.at_level(logging.INFO, "lightning_modules.common"):
+    with caplog.at_level(logging.INFO, "lightning_modules.training"):
         train(cfg)
     after = _ckpt(cfg.run_dir)
     assert (before["epoch"], after["epoch"]) == (1, 2)
