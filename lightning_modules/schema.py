@@ -483,9 +483,11 @@ def _check(
 def problems(cfg: DictConfig) -> list[str]:
     """Every mismatch between the composed config and the schemas, one line each."""
     raw = OmegaConf.to_container(cfg, resolve=False)
-    lines = [line for block in _blocks(cfg) for line in _check(cfg, raw, *block)]
-    # A broken interpolation inside variant.spaces.<name> shows in two blocks: name it once.
-    return list({line.split(" (in ")[0]: line for line in reversed(lines)}.values())[::-1]
+    first: dict[str, str] = {}
+    for line in (line for block in _blocks(cfg) for line in _check(cfg, raw, *block)):
+        # A broken interpolation in variant.spaces.<name> shows in two blocks: name it once.
+        first.setdefault(line.split(" (in ")[0], line)
+    return list(first.values())
 
 
 def validate(cfg: DictConfig) -> None:

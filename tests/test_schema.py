@@ -141,6 +141,7 @@ def test_train_validates_before_any_stage_work(tmp_path: Path) -> None:
     assert list(tmp_path.iterdir()) == [], "nothing is written before the config is checked"
 
 
+@pytest.mark.slow
 def test_train_py_fails_at_startup_naming_key_and_file(tmp_path: Path) -> None:
     """The command line path: Hydra's chosen files name the declaring file."""
     run = subprocess.run(
@@ -151,6 +152,7 @@ def test_train_py_fails_at_startup_naming_key_and_file(tmp_path: Path) -> None:
             "~bind.lr",
             f"paths.output_dir={tmp_path}",
             "data=world_v2",
+            "~data.n_concepts",
         ],
         cwd=REPO,
         capture_output=True,
@@ -159,4 +161,5 @@ def test_train_py_fails_at_startup_naming_key_and_file(tmp_path: Path) -> None:
     )
     assert run.returncode != 0
     assert "bind.lr: missing; declare it in conf/config.yaml's `bind:` block" in run.stderr
+    assert "data.n_concepts: missing; declare it in conf/data/world_v2.yaml" in run.stderr
     assert not (tmp_path / "data").exists() and not (tmp_path / "bound").exists()
