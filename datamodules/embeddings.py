@@ -8,6 +8,7 @@ batch reads only its rows, so peak RSS does not grow with the pool (bench/route_
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 from collections.abc import Iterable, Iterator, Mapping
@@ -22,6 +23,7 @@ from datamodules.cache import CacheError, EmbeddingCache, cache_dir
 from datamodules.tuples import check_pool_rows, load_tuples, modalities_of, weights_of
 from encoders.modalities import MODALITIES
 
+log = logging.getLogger(__name__)
 Needs = Iterable[tuple[str, str]]  # (space, modality) pairs a model reads
 TORCH_DTYPES = {"float16": torch.float16, "float32": torch.float32}
 
@@ -252,6 +254,8 @@ class EmbeddingDataModule(L.LightningDataModule):
         val_prefix: str = "val",
         roots: Mapping[str, str | Path] | None = None,
         resident_mb: float = 256,
+        val_share: float = 0.05,
+        val_max: int = 2000,
     ) -> None:
         super().__init__()
         self.root, self.tuples = Path(root), Path(tuples)
@@ -262,6 +266,8 @@ class EmbeddingDataModule(L.LightningDataModule):
         self.batch_size, self.val_batch_size = batch_size, val_batch_size
         self.seed, self.num_workers, self.val_prefix = seed, num_workers, val_prefix
         self.resident_mb = resident_mb
+        self.val_share, self.val_max = val_share, val_max
+        self.pseudo_validated: list[tuple[str, str]] = []  # pairs validated on held-out tuples
         self.train_set: BatchGather | None = None
         self.val_sets: list[BatchGather] = []
 
@@ -274,9 +280,52 @@ class EmbeddingDataModule(L.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is None:
-            self.train_set = self._tuple_set()
-            self.val_sets = [self._paired_set(a, b) for a, b in self.val_pairs]
+            table, meta = load_tuples(self.tuples)
+            paired = {p: self._has_paired(*p) for p in self.val_pairs}
+            held = None if all(paired.values()) else self._held_out(len(table["start"]))
+            self.train_set = self._tuple_set(table, meta, held)
+            self.val_sets = []
+            for a, b in self.val_pairs:
+                if paired[(a, b)]:
+                    self.val_sets.append(self._paired_set(a, b))
+                    continue
+                self.val_sets.append(self._pseudo_set(a, b, table, held))
+                self.pseudo_validated.append((a, b))
+            if self.pseudo_validated:
+                log.warning(
+                    "no paired %s_<a>_<b> sets for %s under %s: validating on %d held-out pseudo "
+                    "tuples instead (pseudo-validated: the scores measure agreement with the pair "
+                    "stage, not ground truth)", self.val_prefix, self.pseudo_validated,
+                    self.root, len(held),
+                )  # fmt: skip
             self._load_within_budget([self.train_set, *self.val_sets])
+
+    def _has_paired(self, a: str, b: str) -> bool:
+        """True when every cache the model reads of `<val_prefix>_<a>_<b>` exists."""
+        dataset = f"{self.val_prefix}_{a}_{b}"
+        return all(
+            cache_dir(self._root(s), dataset, s, m).exists() for s, m in self.needs if m in (a, b)
+        )
+
+    def _held_out(self, n: int) -> np.ndarray:
+        """Sorted tuple rows kept out of training to validate on: val_share of n, <= val_max."""
+        count = min(self.val_max, max(2, int(self.val_share * n)))
+        if count >= n:
+            raise CacheError(f"{self.tuples}: {n} tuples are too few to hold {count} out for "
+                             "validation; give paired val sets or more tuples")  # fmt: skip
+        return np.sort(np.random.default_rng(self.seed).choice(n, count, replace=False))
+
+    def _pseudo_set(self, a: str, b: str, table: Mapping, held: np.ndarray) -> BatchGather:
+        """Validation pairs (a, b) from held-out tuples that have both items."""
+        both = held[(table[a][held] >= 0) & (table[b][held] >= 0)]
+        if len(both) < 2:
+            raise CacheError(
+                f"{self.tuples}: fewer than 2 held-out tuples have both {a} and {b} to validate "
+                f"{a}<->{b} on; give a {self.val_prefix}_{a}_{b} set"
+            )
+        arrays = {(s, m): c for (s, m), c in self.train_set.arrays.items() if m in (a, b)}
+        rows = {m: torch.from_numpy(np.asarray(table[m][both], np.int64)) for m in (a, b)}
+        return BatchGather(arrays, rows, {}, len(both))
 
     def _load_within_budget(self, sets: list[BatchGather]) -> None:
         """Load the smallest caches whole while they fit `resident_mb`; the rest read per batch."""
@@ -296,8 +345,12 @@ class EmbeddingDataModule(L.LightningDataModule):
         self._check_aligned(dataset, arrays)
         return arrays
 
-    def _tuple_set(self) -> BatchGather:
-        table, meta = load_tuples(self.tuples)
+    def _tuple_set(self, table: Mapping, meta: Mapping, held: np.ndarray | None) -> BatchGather:
+        """The training tuples, less the `held` rows (validation) when given."""
+        if held is not None:
+            keep = np.ones(len(table["start"]), bool)
+            keep[held] = False
+            table = {k: v[keep] for k, v in table.items()}
         pool = meta["pool"]
         modalities = sorted({m for _, m in self.needs})
         lacking = [m for m in modalities if m not in table]

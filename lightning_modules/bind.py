@@ -26,7 +26,7 @@ from datamodules.artifacts import (
 )
 from encoders.modalities import LETTERS, MODALITIES, PAIRS
 from lightning_modules import lineage
-from lightning_modules.config import ensure_data, tuples_path, tuples_record
+from lightning_modules.config import ensure_data, tuples_path, tuples_record, validation_record
 from lightning_modules.losses import info_nce
 from lightning_modules.metrics import compute_directions, direction_metrics
 from lightning_modules.models import ProjectorMixture
@@ -258,7 +258,7 @@ def run(cfg: DictConfig) -> float:
     )
     trainer, best, score = fit_best(cfg, model, datamodule, cfg.bind.epochs)
     if trainer.is_global_zero:
-        record = tuples_record(cfg, cfg.bind.pairs, root)
+        record = tuples_record(cfg, cfg.bind.pairs, root) | validation_record(datamodule)
         export_bound_space(best, cfg.bind.export_dir, best_val_mean_R1=score, **record)
         log.info("bound space %s exported to %s", space.name, cfg.bind.export_dir)
         lineage.log_bind(trainer.logger, cfg, root)  # W&B: tuples in, bound space out

@@ -67,6 +67,14 @@ def tuples_record(cfg: DictConfig, which: str, root: Path) -> dict:
     return {"pairs": pairs_source(cfg, which), "tuples_sha256": file_sha256(path)}
 
 
+def validation_record(datamodule) -> dict:
+    """What an export records of its validation: `paired` sets, or `pseudo` (held-out tuples)."""
+    pseudo = [f"{a}_{b}" for a, b in getattr(datamodule, "pseudo_validated", [])]
+    return {"validation": "pseudo" if pseudo else "paired"} | (
+        {"pseudo_validated": pseudo} if pseudo else {}
+    )
+
+
 def to_plain(cfg):
     """A resolved plain value of a config node: dicts, lists and scalars (for hparams, hashes)."""
     if isinstance(cfg, DictConfig | ListConfig):

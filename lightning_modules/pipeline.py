@@ -1,4 +1,4 @@
-"""The main job: pair -> bind (every space of the variant) -> route -> evaluate.
+"""The main job: [extract ->] pair -> bind (every space of the variant) -> route -> evaluate.
 
 A stage is skipped when its output exists, loads, is the very output the pipeline stamped, and
 was made from the same configuration AND the same input artifacts (the tuple table, the bound
@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from datamodules.artifacts import atomic_write_json, file_sha256, fingerprint
 from datamodules.cache import CacheError
 from datamodules.tuples import load_tuples
-from lightning_modules import bind, evaluate, pair, route
+from lightning_modules import bind, evaluate, extract, pair, route
 from lightning_modules.config import pairs_source, to_plain
 from lightning_modules.lineage import stage_changes
 from lightning_modules.omni import EXPORT_WEIGHTS as OMNI_WEIGHTS
@@ -81,6 +81,16 @@ def _step(
     return made
 
 
+def _extract(cfg: DictConfig) -> None:
+    """On raw data, fill the caches of every space the pipeline reads (the variant's and the
+    anchor); extraction itself skips finished shards, so a rerun costs a check per cache."""
+    if cfg.data.kind != "raw":
+        return
+    for name, space in {**cfg.variant.spaces, cfg.anchor.name: cfg.anchor}.items():
+        log.info("pipeline: extract %s", name)
+        extract.run(_sub(cfg, space=space, run_name=f"extract-{name}-{cfg.data.name}"))
+
+
 def _pair(cfg: DictConfig) -> str:
     """The pair stage, when bind or route read its table; returns the tuples' digest."""
     sources = {pairs_source(cfg, cfg.bind.pairs), pairs_source(cfg, cfg.route.pairs)}
@@ -138,6 +148,7 @@ def _route(cfg: DictConfig, name: str, overrides: dict, inputs: dict) -> Path:
 
 def run(cfg: DictConfig) -> float | None:
     """Run every stage for `cfg.variant`; returns the routed model's mean R@1 on the test sets."""
+    _extract(cfg)
     tuples = _pair(cfg)
     # The route reads the spaces' own configs too (text specialty, dims): they are inputs.
     spaces = to_plain(cfg.variant.spaces)

@@ -30,6 +30,7 @@ from lightning_modules.config import (
     to_plain,
     tuples_path,
     tuples_record,
+    validation_record,
 )
 from lightning_modules.losses import alignment_loss, decoupling_loss, info_nce
 from lightning_modules.metrics import compute_directions, direction_metrics
@@ -304,7 +305,7 @@ def run(cfg: DictConfig) -> float:
     trainer, best, score = fit_best(cfg, model, datamodule, cfg.route.epochs)
     if trainer.is_global_zero:
         omni = best.model
-        omni.meta = {**omni.meta, "best_val_mean_R1": score}
+        omni.meta = {**omni.meta, "best_val_mean_R1": score, **validation_record(datamodule)}
         omni.save(cfg.route.export_dir)
         png = weight_heatmap(
             getattr(model, "mean_weights", {}), groups, Path(cfg.run_dir) / "router_weights.png"

@@ -9,12 +9,14 @@ import warnings
 from pathlib import Path
 
 import lightning as L
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
 from datamodules.cache import CacheError
 from datamodules.embeddings import EmbeddingDataModule
+from datamodules.tuples import load_tuples
 from lightning_modules.bind import (
     EXPORT_META,
     EXPORT_WEIGHTS,
@@ -29,7 +31,9 @@ from lightning_modules.models import Projector, ProjectorMixture
 from train import train
 
 # 2 epochs of 15 steps: enough to bind, a few seconds on one core.
-BIND = ("stage=bind", "space=clap", "bind.hidden_dim=256", "bind.epochs=2", "bind.batch_size=128")
+# Bind on the world's ground-truth tuples: these tests are about binding, not pairing.
+BIND = ("stage=bind", "space=clap", "bind.pairs=oracle", "bind.hidden_dim=256", "bind.epochs=2",
+        "bind.batch_size=128")  # fmt: skip
 FREEBIND_ALL = ["mix", "A", "T", "V", "AT", "AV", "TV"]
 
 
@@ -294,3 +298,31 @@ def test_config_dim_disagreeing_with_the_cache(small_world: Path, compose_cfg, d
     with pytest.raises(CacheError, match="dim is 512, expected 256") as e:
         train(cfg)
     assert str(small_world / "pool" / "clap" / "audio") in str(e.value)
+
+
+def test_without_paired_sets_it_validates_on_held_out_tuples(small_world: Path, compose_cfg,
+                                                             caplog) -> None:  # fmt: skip
+    """Real data has no paired val sets: a held-out share of the tuples validates instead."""
+    cfg = compose_cfg(*BIND, "bind.epochs=1", "+datamodule.val_prefix=nosuch",
+                      "+datamodule.val_share=0.1")  # fmt: skip
+    score = train(cfg)
+    assert 0.0 < score <= 1.0
+    meta = json.loads((Path(cfg.bind.export_dir) / "bound.json").read_text())
+    assert meta["validation"] == "pseudo"
+    assert set(meta["pseudo_validated"]) == {"audio_image", "audio_text", "image_text"}
+    assert "pseudo-validated" in caplog.text
+
+    dm = EmbeddingDataModule(small_world, small_world / "tuples" / "oracle.npz",
+                             [("clap", "audio"), ("clap", "text")], {}, [("audio", "text")],
+                             val_prefix="nosuch", val_share=0.1, seed=3)  # fmt: skip
+    dm.setup()
+    held = dm.val_sets[0]
+    table, _ = load_tuples(small_world / "tuples" / "oracle.npz")
+    out = dm._held_out(len(table["start"]))
+    keep = np.ones(len(table["start"]), bool)
+    keep[out] = False
+    # The held-out tuples validate (pairs are their own items) and are out of the training set.
+    assert len(out) == 200 and len(held) == 200 and len(dm.train_set) == 1800
+    assert torch.equal(held.rows["audio"], torch.from_numpy(table["audio"][out]))
+    assert torch.equal(held.rows["text"], torch.from_numpy(table["text"][out]))
+    assert torch.equal(dm.train_set.rows["audio"], torch.from_numpy(table["audio"][keep]))

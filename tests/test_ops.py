@@ -37,12 +37,16 @@ from lightning_modules.common import (
 from train import job_run_name, train
 
 # 2,000 oracle tuples in batches of 256: 7 steps an epoch, about a second on one core.
-BIND = ("stage=bind", "space=clap", "bind.hidden_dim=64", "bind.batch_size=256")
+BIND = (
+    "stage=bind",
+    "space=clap",
+    "bind.pairs=oracle",
+    "bind.hidden_dim=64",
+    "bind.batch_size=256",
+)
 SWEEPS = sorted((CONF_DIR / "sweep").glob("*.yaml"))
 # The route sweep on the session's world: its three source spaces stand in for variant=base.
-WORLD_VARIANT = (
-    "variant=small",
-)
+WORLD_VARIANT = ("variant=small",)
 
 
 def _ckpt(run_dir: str | Path, name: str = "last.ckpt") -> dict:
@@ -529,12 +533,14 @@ def test_ddp_on_two_cpu_processes_trains_and_resumes(small_world, world_cfg, tmp
 @pytest.mark.parametrize("path", SWEEPS, ids=[p.stem for p in SWEEPS])
 def test_sweep_proposals_run_through_the_command_line(path, small_world, world_cfg, tmp_path):
     sweep = _sweep(path)
-    extra = _cli(world_cfg, tmp_path, "++trainer.fast_dev_run=true", "bind.hidden_dim=64")
+    extra = _cli(world_cfg, tmp_path, "++trainer.fast_dev_run=true", "bind.hidden_dim=64",
+                 "bind.pairs=oracle")  # fmt: skip
     if "stage=route" in sweep["command"]:
         extra += [*WORLD_VARIANT, "route.batch_size=256"]
         for space in ("clap", "imagebind", "uni3d"):  # the bound spaces route reads
             train(compose_config([*SMALL_WORLD, f"paths.output_dir={tmp_path}",
-                                  f"paths.data_dir={world_cfg.paths.data_dir}", *BIND[:1],
+                                  f"paths.data_dir={world_cfg.paths.data_dir}", "stage=bind",
+                                  "bind.pairs=oracle",
                                   f"space={space}", "bind.hidden_dim=64",
                                   "++trainer.fast_dev_run=true"]))  # fmt: skip
     for i, proposal in enumerate(_proposals(sweep)):
