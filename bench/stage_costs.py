@@ -12,8 +12,9 @@ a table of seconds and peak RSS per stage, and the same extrapolated to the pape
   the tuple table grows with the pools);
 - pair: quadratic (exact search compares every query with every gallery row);
 - evaluate: constant (the test sets do not grow with the pools).
-Memory above the interpreter's base is extrapolated linearly too: an upper bound, since caches
-beyond the datamodule's resident_mb stay on disk. Ends with `RESULT stage_costs ratio=<total
+Memory above the interpreter's base is extrapolated linearly for world and pair (they hold whole
+pools) and kept as measured for bind, route and evaluate (caches beyond the datamodule's
+resident_mb stay on disk; bench/route_memory.py). Ends with `RESULT stage_costs ratio=<total
 seconds measured / total seconds extrapolated>` (the scale-down factor, for the record).
 """
 
@@ -33,6 +34,9 @@ sys.path.insert(0, str(REPO))
 
 PAPER_POOLS = {"point": 800_000, "audio": 2_000_000, "image": 1_200_000, "text": 3_000_000}
 SCALING = {"world": 1, "pair": 2, "bind": 1, "route": 1, "evaluate": 0}  # power of the pool ratio
+# Memory above the interpreter: bind and route read caches beyond the datamodule's resident_mb
+# per batch (bench/route_memory.py), so theirs does not grow; world and pair hold whole pools.
+MEMORY_SCALING = {"world": 1, "pair": 1, "bind": 0, "route": 0, "evaluate": 0}
 
 
 def compose(overrides: list[str]):
@@ -46,7 +50,7 @@ def compose(overrides: list[str]):
 
 def make_world(overrides: list[str]) -> None:
     """Write the world's caches for the variant's spaces and the anchor (the child of `world`)."""
-    from lightning_modules.common import ensure_data
+    from lightning_modules.config import ensure_data
 
     cfg = compose(overrides)
     ensure_data(cfg, [*cfg.variant.spaces, cfg.anchor.name])
@@ -60,7 +64,8 @@ def run(cmd: list[str], log: Path) -> dict:
         _, status, usage = os.wait4(proc.pid, 0)
     proc.returncode = os.waitstatus_to_exitcode(status)
     seconds = time.perf_counter() - start
-    tail = log.read_text().strip().splitlines()[-1:] if proc.returncode else []
+    lines = [x for x in log.read_text().splitlines() if x.strip() and "HYDRA_FULL_ERROR" not in x]
+    tail = lines[-1:] if proc.returncode else []
     return dict(seconds=seconds, peak=usage.ru_maxrss * 1024, rc=proc.returncode, tail=tail)
 
 
@@ -74,13 +79,9 @@ def stages(cfg, common: list[str]) -> list[tuple[str, str, list[str]]]:
     out.append(("route", "route", [py, train, "stage=route", *common]))
     methods = [f"{k}:{s}" for s in cfg.variant.spaces for k in ("raw", "bound")]
     methods.append(f"routed=omni:{cfg.variant.name}/routed")
-    out.append(
-        (
-            "evaluate",
-            "evaluate",
-            [py, train, "stage=evaluate", f"evaluate.methods=[{','.join(methods)}]", *common],
-        )  # noqa: E501
-    )
+    quoted = ",".join(f"'{m}'" for m in methods)  # Hydra's grammar needs 'a=b' quoted
+    evaluate = [py, train, "stage=evaluate", f"evaluate.methods=[{quoted}]", *common]
+    out.append(("evaluate", "evaluate", evaluate))
     return out
 
 
@@ -89,7 +90,7 @@ def main() -> None:
     parser.add_argument("--data", default="world", help="conf/data choice (world, world_medium)")
     parser.add_argument("--variant", default="base")
     parser.add_argument("--out", default=None, help="output dir (default: /tmp/stage_costs_<data>)")
-    parser.add_argument("--only", default=None, help="comma-separated stages (world,pair,bind,...)")
+    parser.add_argument("--only", default=None, help="stages to run: world,pair,bind,bind:clap,...")
     parser.add_argument("--child-world", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("overrides", nargs="*", help="more train.py overrides (after --)")
     args = parser.parse_args()
@@ -108,18 +109,28 @@ def main() -> None:
     from rich.console import Console
     from rich.table import Table
 
-    rows, total, total_paper = [], 0.0, 0.0
-    todo = stages(cfg, common)
+    everything = stages(cfg, common)
+    todo = everything
     if args.only:
-        todo = [t for t in todo if t[1] in args.only.split(",")]
-    for name, kind, cmd in todo:
-        r = run(cmd, out / f"{name.replace(' ', '_')}.log")
+        only = args.only.split(",")  # a kind (bind) or one stage (bind:clap)
+        todo = [t for t in todo if t[1] in only or t[0].replace(" ", ":") in only]
+    # Results of earlier runs into the same --out (a rerun of failed stages keeps the others).
+    saved = out / "stage_costs.json"
+    results = json.loads(saved.read_text()) if saved.exists() else {}
+    for name, _, cmd in todo:
+        results[name] = r = run(cmd, out / f"{name.replace(' ', '_')}.log")
+        saved.write_text(json.dumps(results, indent=1))
+        print(json.dumps({"stage": name, **r}), flush=True)
+    rows, total, total_paper = [], 0.0, 0.0
+    for name, kind, _ in everything:
+        if name not in results:
+            continue
+        r = results[name]
         scale = ratio ** SCALING[kind]
         above = max(r["peak"] - base, 0)
-        rows.append((name, r, r["seconds"] * scale, base + above * ratio ** min(SCALING[kind], 1)))
+        rows.append((name, r, r["seconds"] * scale, base + above * ratio ** MEMORY_SCALING[kind]))
         total += r["seconds"]
         total_paper += r["seconds"] * scale
-        print(json.dumps({"stage": name, **r}), flush=True)
     table = Table(
         title=f"stage costs: data={args.data} ({sum(pools.values()):,} pool rows), variant "
         f"{args.variant}; paper pools {sum(PAPER_POOLS.values()):,} rows = {ratio:,.1f}x"
