@@ -40,7 +40,8 @@ from rich.table import Table  # noqa: E402
 
 from datamodules.embeddings import EmbeddingDataModule  # noqa: E402
 from lightning_modules.bind import BindModule  # noqa: E402
-from lightning_modules.common import CONF_DIR, ensure_data, make_trainer, to_plain  # noqa: E402
+from lightning_modules.config import CONF_DIR, ensure_data, to_plain  # noqa: E402
+from lightning_modules.training import make_trainer
 
 
 class StepTimer(Callback):

@@ -38,7 +38,7 @@ from torch.utils.data import DataLoader, Dataset  # noqa: E402
 
 from datamodules.embeddings import EmbeddingDataModule, load_embeddings  # noqa: E402
 from datamodules.world import ensure_world  # noqa: E402
-from lightning_modules.common import CONF_DIR, space_configs  # noqa: E402
+from lightning_modules.config import CONF_DIR, space_configs  # noqa: E402
 
 SPACES = ("clap", "eva_clip_18b")  # an audio-text source space and the anchor: 4 arrays per row
 

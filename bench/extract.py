@@ -42,7 +42,7 @@ from datamodules.extraction import (  # noqa: E402
     RawDataset,
 )
 from encoders import build_encoder, build_processor  # noqa: E402
-from lightning_modules.common import CONF_DIR  # noqa: E402
+from lightning_modules.config import CONF_DIR  # noqa: E402
 from lightning_modules.extract import run  # noqa: E402
 from lightning_modules.extract_plan import plan  # noqa: E402
 

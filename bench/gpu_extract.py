@@ -32,7 +32,7 @@ def config(out: Path, images: Path, model: str, batch_size: int, workers: int):
     """The extract stage's config for this job (one GPU, bf16-mixed, random weights)."""
     from hydra import compose, initialize_config_dir
 
-    from lightning_modules.common import CONF_DIR
+    from lightning_modules.config import CONF_DIR
 
     dim = DIMS[model]
     overrides = [

@@ -240,11 +240,10 @@ def run(cfg: DictConfig) -> float:
     space, anchor = cfg.space, cfg.anchor
     if space.name == anchor.name:
         raise ValueError(f"space {space.name!r} is the anchor; bind a source space")
-    if not set(space.dims) & set(anchor.dims):
-        raise ValueError(
-            f"space {space.name!r} ({sorted(space.dims)}) shares no modality with the anchor "
-            f"{anchor.name!r} ({sorted(anchor.dims)}), so there is nothing to bind through"
-        )
+    if not space.dims:
+        raise ValueError(f"space {space.name!r} declares no modality (space.dims is empty)")
+    # A space need not share a modality with the anchor: Eq. 1 pairs its modalities with the
+    # anchor's through the tuples (a point-only space binds to image-text via 3D-image tuples).
     model: BindModule = hydra.utils.instantiate(cfg.model.bind)
     root = ensure_data(cfg, [space.name, anchor.name])
     dims = {(s.name, m): d for s in (space, anchor) for m, d in s.dims.items()}

@@ -46,7 +46,7 @@ import torch
 from omegaconf import DictConfig
 
 from datamodules.cache import CacheError, sha256_file
-from lightning_modules.common import space_configs
+from lightning_modules.config import space_configs
 from lightning_modules.omni import OmniModel
 
 log = logging.getLogger(__name__)

@@ -23,10 +23,11 @@ from datamodules.cache import atomic_write, atomic_write_json
 from encoders.modalities import resolve_device
 from lightning_modules import lineage
 from lightning_modules.benchmarks import Benchmarks, load_benchmarks, manifest_path
-from lightning_modules.common import ensure_data, make_logger
+from lightning_modules.config import ensure_data
 from lightning_modules.methods import Method, make_method
 from lightning_modules.results import compact_summary, markdown
 from lightning_modules.scoring import TIES, evaluate_method, mean_r1
+from lightning_modules.training import make_logger
 
 log = logging.getLogger(__name__)
 

@@ -35,8 +35,9 @@ from encoders import build_encoder, build_processor, encoder_class
 from encoders.base import Encoder
 from encoders.precomputed import DumpError
 from encoders.readers import LoadSettings
-from lightning_modules.common import make_trainer, to_plain
+from lightning_modules.config import to_plain
 from lightning_modules.extract_plan import plan, write_manifests
+from lightning_modules.training import make_trainer
 
 log = logging.getLogger(__name__)
 UNIT_TOLERANCE = 1e-2  # |norm - 1| allowed after the encoder's own precision (bf16 included)

@@ -24,7 +24,7 @@ from datamodules.cache import cache_dir
 from datamodules.items import Items, RawDataError, link_captions, list_items
 from datamodules.jobs import ExtractJob
 from lightning_modules.benchmarks import load_benchmarks, zeroshot_prompts
-from lightning_modules.common import to_plain
+from lightning_modules.config import to_plain
 
 
 def _job(cfg: DictConfig, dataset: str, modality: str, items: Items, spec: Mapping) -> ExtractJob:

@@ -40,6 +40,7 @@ from safetensors import SafetensorError
 from datamodules import artifacts
 from datamodules.artifacts import atomic_write, atomic_write_json, file_sha256, verify_file
 from datamodules.cache import CacheError, CacheWriter, EmbeddingCache, cache_dir
+from encoders import build_encoder, encoder_class
 from encoders.modalities import MODALITIES, check_modality, resolve_device
 from lightning_modules.omni import (
     EXPORT_META,
@@ -314,6 +315,9 @@ class OmniBind(
                 calls.setdefault(self.source(space, m), [])
                 if m not in calls[self.source(space, m)]:
                     calls[self.source(space, m)].append(m)
+        for space in calls:  # the spaces' own encoders, as the route stage recorded them
+            if space not in self.encoders and space in self.model.meta.get("encoders", {}):
+                self.encoders[space] = self._build_encoder(space)
         absent = sorted(s for s in calls if s not in self.encoders)
         if absent:
             raise ValueError(f"no encoders for spaces {absent}; pass OmniBind(..., encoders="
@@ -330,6 +334,14 @@ class OmniBind(
                                      f"expected {len(raw[m])} rows")  # fmt: skip
             inputs[space] = {m: got[m] for m in mods}
         return self.embed_spaces(inputs)
+
+    def _build_encoder(self, space: str):
+        """The frozen encoder of `space` from the export's `encoders` record."""
+        record = self.model.meta["encoders"][space]
+        if encoder_class(record["encoder"]).precomputed:
+            raise ValueError(f"space {space!r} reads precomputed dumps, which cannot embed a new "
+                             "item; pass OmniBind(..., encoders={space: encoder})")  # fmt: skip
+        return build_encoder(record["encoder"], record["dims"]).to(self.device)
 
     @torch.no_grad()
     def embed_rows(
@@ -537,7 +549,13 @@ def _search(args: argparse.Namespace, bind: OmniBind) -> None:
     console = Console()
     gallery = Gallery(args.gallery, backend=args.backend, device=args.device)
     queries, weights, described = {}, {}, []
-    for i, spec in enumerate(args.query):
+    for m in MODALITIES:  # raw items, through the encoders of the model's spaces
+        for item in getattr(args, m) or []:
+            queries[f"{m}:{item}"] = bind.embed(**{m: [item]})[m]
+            weights[f"{m}:{item}"] = 1.0
+            described.append({})
+            console.print(f"query {m}: {item}")
+    for i, spec in enumerate(args.query or []):
         dataset, modality, row, weight = parse_query(spec)
         key = f"{i}:{spec}"
         queries[key] = bind.embed_rows(args.root, dataset, modality, [row])
@@ -582,10 +600,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     find.add_argument("--gallery", required=True, help="a gallery cache dir (from `index`)")
     find.add_argument(
         "--query",
-        required=True,
         action="append",
-        help="DATASET:MODALITY:ROW[@WEIGHT]; repeat to compose a weighted query",
+        help="a cached row, DATASET:MODALITY:ROW[@WEIGHT]; repeat to compose a weighted query",
     )
+    for m, example in (("text", "a caption"), ("image", "an image file"), ("audio", "a wav"),
+                       ("point", "a .ply/.npy point cloud")):  # fmt: skip
+        find.add_argument(f"--{m}", action="append", help=f"a raw query: {example}; repeatable")
     find.add_argument("--k", type=int, default=10)
     find.add_argument("--backend", default="torch", choices=("torch", "faiss"))
     args = parser.parse_args(argv)
@@ -595,6 +615,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             gallery = build_gallery(bind, args.root, args.dataset, args.modality, args.out,
                                     dtype=args.dtype, overwrite=args.overwrite)  # fmt: skip
             print(f"gallery {args.out}: {len(gallery)} {args.modality} rows of {args.dataset}")
+        elif not (args.query or any(getattr(args, m) for m in MODALITIES)):
+            raise ValueError("search needs a query: --query DATASET:MODALITY:ROW or a raw item "
+                             "(--text, --image, --audio, --point)")  # fmt: skip
         else:
             _search(args, bind)
     except (CacheError, ValueError, IndexError, FileNotFoundError) as e:

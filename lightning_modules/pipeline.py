@@ -19,7 +19,7 @@ from datamodules.artifacts import atomic_write_json, file_sha256, fingerprint
 from datamodules.cache import CacheError
 from datamodules.tuples import load_tuples
 from lightning_modules import bind, evaluate, extract, pair, route
-from lightning_modules.config import pairs_source, to_plain
+from lightning_modules.config import pairs_source, space_configs, to_plain
 from lightning_modules.lineage import stage_changes
 from lightning_modules.omni import EXPORT_WEIGHTS as OMNI_WEIGHTS
 from lightning_modules.omni import OmniModel
@@ -86,7 +86,10 @@ def _extract(cfg: DictConfig) -> None:
     anchor); extraction itself skips finished shards, so a rerun costs a check per cache."""
     if cfg.data.kind != "raw":
         return
-    for name, space in {**cfg.variant.spaces, cfg.anchor.name: cfg.anchor}.items():
+    spaces = {**cfg.variant.spaces, cfg.anchor.name: cfg.anchor}
+    for name, overrides in cfg.pipeline.extract.items():  # read by the pair stage's routes only
+        spaces[name] = OmegaConf.merge(space_configs([name])[name], overrides)
+    for name, space in spaces.items():
         log.info("pipeline: extract %s", name)
         extract.run(_sub(cfg, space=space, run_name=f"extract-{name}-{cfg.data.name}"))
 

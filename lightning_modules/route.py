@@ -298,6 +298,12 @@ def run(cfg: DictConfig) -> float:
         spaces={name: b[1] for name, b in bound.items()},
         lambda_dec=cfg.loss.lambda_dec,
         **tuples_record(cfg, cfg.route.pairs, root),
+        # How to embed raw items for each space it reads (OmniBind builds them on demand).
+        encoders={
+            name: {"encoder": to_plain(space.encoder), "dims": to_plain(space.dims)}
+            for name, space in {**layout["spaces"], anchor: cfg.anchor}.items()
+            if space.get("encoder") is not None
+        },
     )
     model: RouteModule = hydra.utils.instantiate(cfg.model.route, meta=meta)
     for name, (mixture, _) in bound.items():

@@ -61,7 +61,7 @@ def world_cfg(tmp_path_factory: pytest.TempPathFactory) -> DictConfig:
 def small_world(world_cfg: DictConfig) -> Path:
     """Root of the shared small world, written once per session for WORLD_SPACES. Read-only."""
     from datamodules.world import ensure_world
-    from lightning_modules.common import space_configs
+    from lightning_modules.config import space_configs
 
     return ensure_world(world_cfg.data, space_configs(WORLD_SPACES))
 

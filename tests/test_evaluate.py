@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 from datamodules.cache import CacheError, CacheWriter, EmbeddingCache, cache_dir
 from lightning_modules.benchmarks import load_benchmarks, prompt_sets, zeroshot_prompts
 from lightning_modules.bind import BindModule, export_bound_space, load_bound_space
-from lightning_modules.common import space_configs
+from lightning_modules.config import space_configs
 from lightning_modules.methods import make_method
 from lightning_modules.metrics import recall_at_k
 from lightning_modules.omni import OmniModel

@@ -25,9 +25,9 @@ from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig, open_dict
 from wandb.sdk.launch.sweeps.utils import create_sweep_command_args
 
-from lightning_modules import common
+from lightning_modules import training
 from lightning_modules.bind import BindModule
-from lightning_modules.common import (
+from lightning_modules.training import (
     WANDB_ID_FILE,
     check_compatible,
     make_logger,
@@ -231,10 +231,10 @@ def test_a_crashed_run_resumes_to_the_uninterrupted_result(small_world, compose_
     args = (*BIND, "bind.epochs=3")
     whole = compose_cfg(*args, "run_name=whole")
     train(whole)
-    make = common.make_trainer
+    make = training.make_trainer
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(
-            common, "make_trainer", lambda c, e, cbs, logger=None: make(c, e, [*cbs, _Crash()])
+            training, "make_trainer", lambda c, e, cbs, logger=None: make(c, e, [*cbs, _Crash()])
         )
         with pytest.raises(RuntimeError, match="crash"):
             train(compose_cfg(*args, "run_name=crashed"))
@@ -403,7 +403,7 @@ import os, runpy, signal, sys
 import psutil
 sys.path.insert(0, {repo!r})
 import lightning as L
-import lightning_modules.common as common
+import lightning_modules.training as training
 
 
 class KillMidEpoch(L.Callback):
@@ -416,8 +416,8 @@ class KillMidEpoch(L.Callback):
             os.kill(os.getpid(), signal.SIGKILL)
 
 
-make_trainer = common.make_trainer
-common.make_trainer = lambda cfg, epochs, callbacks, logger=None: make_trainer(
+make_trainer = training.make_trainer
+training.make_trainer = lambda cfg, epochs, callbacks, logger=None: make_trainer(
     cfg, epochs, [*callbacks, KillMidEpoch()], logger
 )
 sys.argv[0] = os.path.join({repo!r}, "train.py")
@@ -470,7 +470,7 @@ torch.set_num_threads(1)
 from hydra import compose, initialize_config_dir
 from datamodules.embeddings import EmbeddingDataModule
 from lightning_modules.bind import BindModule
-from lightning_modules.common import make_trainer
+from lightning_modules.training import make_trainer
 
 overrides, checkpoint, world, out = json.loads(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
 with initialize_config_dir({conf!r}, version_base="1.3"):

@@ -14,7 +14,7 @@ from datamodules.cache import CacheError, EmbeddingCache, cache_dir, sha256_file
 from datamodules.tuples import load_tuples
 from datamodules.world import V2_KEYS, World, ensure_world, fingerprint
 from encoders.modalities import MODALITIES, PAIRS, PROVENANCES
-from lightning_modules.common import space_configs
+from lightning_modules.config import space_configs
 from lightning_modules.metrics import recall_at_k
 
 # Small enough that a world of its own costs a test about a second.
