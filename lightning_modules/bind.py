@@ -12,6 +12,7 @@ from pathlib import Path
 import hydra
 import lightning as L
 import torch
+import torch.distributed as dist
 from omegaconf import DictConfig
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
@@ -127,7 +128,7 @@ class BindModule(L.LightningModule):
         losses = []
         for expert, (name, starts) in zip(self.mixture.experts, self.starts.items(), strict=True):
             rows = torch.isin(batch["start"], starts.to(batch["start"].device)).nonzero().squeeze(1)
-            if len(rows) < 2:  # BatchNorm needs two rows; the subset is absent from this batch
+            if self._fewest(len(rows)) < 2:  # BatchNorm needs two rows; the subset is absent
                 continue
             total = weight = 0.0
             conf = batch.get("weight")  # per-row confidence of each modality's item, 0 if absent
@@ -151,6 +152,15 @@ class BindModule(L.LightningModule):
         loss = torch.stack(losses).mean()
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True)
         return loss
+
+    def _fewest(self, count: int) -> int:
+        """The smallest count over the ranks: with global negatives every rank must skip an
+        expert together, since the gather inside its loss is a collective call."""
+        if not (self.hparams.gather and dist.is_available() and dist.is_initialized()):
+            return count
+        fewest = torch.tensor(count, device=self.device)
+        dist.all_reduce(fewest, op=dist.ReduceOp.MIN)
+        return int(fewest)
 
     def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
         a, b = self.val_pairs[dataloader_idx]

@@ -179,10 +179,14 @@ class RouteModule(L.LightningModule):
         loss = hp.align * alignment_loss(out.embeddings, hp.temperature, weights, hp.gather)
         self.log("train/loss_align", loss, on_step=False, on_epoch=True)
         # L_dec labels the routers' input-dependent choice: fixed weights have none to decouple.
-        if hp.lambda_dec and hp.kind == "routed" and "text" in out.logits:
+        # Only texts with a known provenance (and present in the tuple) have labels.
+        keep = batch["provenance"] >= 0
+        if weights is not None and "text" in weights:
+            keep &= weights["text"] > 0
+        if hp.lambda_dec and hp.kind == "routed" and "text" in out.logits and keep.any():
             specialty = [meta["specialty"][g] for g in meta["groups"]["text"]]
-            labels = specialty_labels(batch["provenance"], specialty)
-            dec = decoupling_loss(out.logits["text"], labels)
+            labels = specialty_labels(batch["provenance"][keep], specialty)
+            dec = decoupling_loss(out.logits["text"][keep], labels)
             self.log("train/loss_dec", dec, on_step=False, on_epoch=True)
             loss = loss + hp.lambda_dec * dec
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True)
