@@ -1,5 +1,6 @@
-"""The config schema (lightning_modules/schema.py): every composable config passes, and a missing,
-wrong-typed or undeclared key fails at startup naming the key and the file that declares it."""
+"""The config schema (lightning_modules/schema.py): every composable config passes with every key
+declared, and a missing or wrong-typed key fails at startup naming the key and the file that
+should declare it (an undeclared one too, with strict=True)."""
 
 from __future__ import annotations
 
