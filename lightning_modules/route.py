@@ -309,7 +309,8 @@ def run(cfg: DictConfig) -> float:
             if space.get("encoder") is not None
         },
     )
-    model: RouteModule = hydra.utils.instantiate(cfg.model.route, meta=meta)
+    # meta holds plain records (its encoder configs are data here, not objects to build).
+    model: RouteModule = hydra.utils.instantiate(cfg.model.route, meta=meta, _recursive_=False)
     for name, (mixture, _) in bound.items():
         model.model.projectors[name].load_state_dict(mixture.state_dict())
     trainer, best, score = fit_best(cfg, model, datamodule, cfg.route.epochs)

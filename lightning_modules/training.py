@@ -18,7 +18,7 @@ import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from lightning.pytorch.callbacks import LearningRateMonitor
+from lightning.pytorch.callbacks import LearningRateMonitor, ProgressBar
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig
@@ -150,6 +150,9 @@ def make_callbacks(cfg: DictConfig, logger) -> list[L.Callback]:
         if isinstance(callback, LearningRateMonitor) and not logger:
             log.info("callbacks.%s needs a logger; logger=none, so it is off", name)
             continue
+        if isinstance(callback, ProgressBar) and not cfg.trainer.get("enable_progress_bar", True):
+            continue  # trainer.enable_progress_bar=false turns every progress bar off
+
         callbacks.append(callback)
     return callbacks
 
