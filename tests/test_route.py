@@ -190,6 +190,7 @@ def test_route_names_the_bind_command_for_an_unbound_space(small_world: Path, co
         train(cfg)
 
 
+@pytest.mark.slow
 def test_default_command_runs_the_method_on_pseudo_tuples(tmp_path: Path) -> None:
     """`python train.py` (the README's main job) end to end on the default world.
 
