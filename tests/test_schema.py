@@ -36,7 +36,10 @@ def test_every_group_value_passes(group: str, name: str, tmp_path: Path) -> None
 
 def test_missing_keys_name_the_file_that_declares_them() -> None:
     _fails(["~bind.lr"], "bind.lr: missing; declare it in conf/config.yaml's `bind:` block")
-    _fails(["~data.n_concepts"], "data.n_concepts: missing; declare it in conf/data/world.yaml")
+    _fails(
+        ["data=world", "~data.n_concepts"],
+        "data.n_concepts: missing; declare it in conf/data/world.yaml",
+    )
     _fails(
         ["~space.text_specialty"],
         "space.text_specialty: missing; declare it in conf/space/clap.yaml",
@@ -57,7 +60,9 @@ def test_missing_keys_name_the_file_that_declares_them() -> None:
         "paths.output_dir: missing; declare it in conf/paths/default.yaml",
         "bind.export_dir: Interpolation key 'paths.output_dir' not found",
     )
-    _fails(["data.root=???"], "data.root: missing (???); set it in conf/data/world.yaml")
+    _fails(
+        ["data=world", "data.root=???"], "data.root: missing (???); set it in conf/data/world.yaml"
+    )
 
 
 def test_wrong_types_name_the_key_value_and_file() -> None:
@@ -71,7 +76,11 @@ def test_wrong_types_name_the_key_value_and_file() -> None:
     )
     assert len(re.findall(r"^  - ", message, re.M)) == 4, "every problem is listed at once"
     _fails(["bind.experts=mix"], "bind.experts: got 'mix': expected freebind or a list")
-    _fails(["data.hierarchy={coarse:5,r:x}"], "data.hierarchy.r: got 'x'", "conf/data/world.yaml")
+    _fails(
+        ["data=world_v2", "data.hierarchy={coarse:5,r:x}"],
+        "data.hierarchy.r: got 'x'",
+        "conf/data/world_v2.yaml",
+    )
     _fails(
         ["variant.spaces.uni3d.dims.point=abc"],
         "variant.spaces.uni3d.dims.point: got 'abc'",
