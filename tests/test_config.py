@@ -36,6 +36,8 @@ def compose_config(overrides: list[str]) -> DictConfig:
 
 def _override(group: str, name: str) -> str:
     """`group=name` for a group in config.yaml's defaults list, else `+group=name`."""
+    if group == "model":  # composed twice, at model.bind and model.route
+        return f"model@model.{name}={name}"
     return f"{group}={name}" if group in DEFAULTS else f"+{group}={name}"
 
 
