@@ -367,8 +367,8 @@ def test_a_bind_sweep_proposal_runs_with_fast_dev_run(small_world, compose_cfg, 
     monkeypatch.setenv("WANDB_RUN_ID", "fdr1")
     fixed = [t for t in sweep["command"][3:-1]]
     sampled = create_sweep_command_args({"args": proposal})["args_no_hyphens"]
-    cfg = compose_cfg(*fixed, "bind.hidden_dim=64", "bind.pairs=oracle", "++trainer.fast_dev_run=true",
-                      *sampled)  # fmt: skip
+    extra = ("bind.hidden_dim=64", "bind.pairs=oracle", "++trainer.fast_dev_run=true")
+    cfg = compose_cfg(*fixed, *extra, *sampled)
     result = train(cfg)
     assert isinstance(result, float)
     assert (Path(cfg.run_dir) / "bound" / "bound.json").exists()
