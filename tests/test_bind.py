@@ -308,7 +308,7 @@ def test_without_paired_sets_it_validates_on_held_out_tuples(small_world: Path, 
                                                              caplog) -> None:  # fmt: skip
     """Real data has no paired val sets: a held-out share of the tuples validates instead."""
     cfg = compose_cfg(*BIND, "bind.epochs=1", "+datamodule.val_prefix=nosuch",
-                      "+datamodule.val_share=0.1")  # fmt: skip
+                      "datamodule.val_share=0.1")  # fmt: skip
     score = train(cfg)
     assert 0.0 < score <= 1.0
     meta = json.loads((Path(cfg.bind.export_dir) / "bound.json").read_text())

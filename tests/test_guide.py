@@ -1,0 +1,90 @@
+"""The real-data path as a user runs it: README's guide line by line, and experiment=demo_raw."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"}  # see test_ops._env
+    return env | {"HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "PYTHONPATH": str(REPO)}
+
+
+def guide_commands(out: Path) -> list[list[str]]:
+    """README's real-data guide: its bash block's commands, writing under `out`."""
+    text = (REPO / "README.md").read_text()
+    section = text[text.index("## Real data") :]
+    block = section[section.index("```bash") + len("```bash") : section.index("```\n", 8)]
+    variables, commands = {}, []
+    for line in block.splitlines():
+        line = line.split("  #")[0].strip()
+        if not line or line.startswith("#"):
+            continue
+        line = line.replace("outputs/real", str(out))
+        if m := re.fullmatch(r'(\w+)="(.*)"', line):
+            variables[m.group(1)] = m.group(2)
+            continue
+        for name, value in variables.items():
+            line = line.replace(f"${name}", value)
+        argv = shlex.split(line)
+        assert argv[0] == "python", line
+        if argv[1] == "train.py":
+            argv[1] = str(REPO / "train.py")
+        commands.append([sys.executable, *argv[1:]])
+    return commands
+
+
+def _run(argv: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    done = subprocess.run(argv, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, f"{shlex.join(argv)}\n{done.stdout[-2000:]}{done.stderr[-3000:]}"
+    return done
+
+
+def test_guide_parses_into_the_stages_in_order(tmp_path: Path) -> None:
+    commands = guide_commands(tmp_path)
+    stages = [next(a.split("=")[1] for a in c if a.startswith("stage=")) for c in commands
+              if any(a.startswith("stage=") for a in c)]  # fmt: skip
+    assert stages == ["extract"] * 4 + ["pair", "bind", "bind", "route", "evaluate"]
+    assert all(f"paths.output_dir={tmp_path}" in c for c in commands if "train.py" in c[1])
+
+
+@pytest.mark.slow
+def test_the_readme_guide_runs_as_written(tmp_path: Path) -> None:
+    """Every command of README's real-data guide, then a caption query over images and audio."""
+    outputs = [_run(argv, tmp_path) for argv in guide_commands(tmp_path)]
+    results = json.loads((tmp_path / "runs" / "evaluate" / "results.json").read_text())
+    routed = results["methods"]["omni:demo/routed"]
+    assert {"image_to_text/R@1", "text_to_image/R@1"} <= set(routed["retrieval"])
+    assert any(k.endswith("top1") for k in routed["zeroshot"])
+    meta = json.loads((tmp_path / "omni" / "demo" / "routed" / "omni.json").read_text())
+    assert meta["pairs"] == "pseudo" and meta["validation"] == "pseudo"
+    image_search, audio_search = (o.stdout for o in outputs[-2:])
+    assert "query text: a photo of a ball" in image_search
+    assert re.search(r"top 10 of \d+ in .*galleries/image", image_search)
+    assert re.search(r"top \d+ of \d+ in .*galleries/audio", audio_search)
+
+
+@pytest.mark.slow
+def test_demo_raw_experiment_runs_end_to_end(tmp_path: Path) -> None:
+    """`python train.py experiment=demo_raw`: extract -> pair -> bind -> route -> evaluate."""
+    argv = [sys.executable, str(REPO / "train.py"), "experiment=demo_raw",
+            f"paths.output_dir={tmp_path}", "trainer.enable_progress_bar=false"]  # fmt: skip
+    _run(argv, tmp_path)
+    run = tmp_path / "runs" / "pipeline-demo"
+    methods = json.loads((run / "results.json").read_text())["methods"]
+    assert {"average", "routed", "fixed", "routed_l0"} <= set(methods)
+    for name in ("average", "routed"):
+        keys = set(methods[name]["retrieval"])
+        assert {"text_to_image/R@1", "video_to_text/R@1"} <= keys, keys
+        assert methods[name]["zeroshot"], name
+    assert "Trained on **pseudo** tuples" in (run / "results.md").read_text()
