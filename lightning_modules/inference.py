@@ -302,13 +302,29 @@ class OmniBind(
         audio: Sequence[Any] | None = None,
         image: Sequence[Any] | None = None,
         text: Sequence[Any] | None = None,
+        video: Sequence[Any] | None = None,
     ) -> dict[str, torch.Tensor]:
-        """Raw items per modality (paths, PIL images, waveforms, strings) -> omni embeddings."""
+        """Raw items per modality (paths, PIL images, waveforms, strings) -> omni embeddings.
+
+        video: frame folders, .npy clips or video files; as in the paper, their sampled frames go
+        through the image encoders (averaged, re-normalised) and the image router and groups.
+        """
         raw = {
             m: list(x)
             for m, x in zip(MODALITIES, (point, audio, image, text), strict=True)
             if x is not None
         }
+        out = self._embed(raw) if raw else {}
+        if video is not None:
+            out["video"] = self._embed({"image": list(video)}, read_as={"image": "video"})["image"]
+        return out
+
+    def _embed(
+        self, raw: dict[str, list], read_as: Mapping[str, str] | None = None
+    ) -> dict[str, torch.Tensor]:
+        """{modality: raw items} through the spaces' encoders (an item of modality m is read
+        as read_as[m], e.g. a video for the image side) and the omni model."""
+        read_as = dict(read_as or {})
         calls: dict[str, list[str]] = {}  # encoder space -> modalities it embeds here
         for m in raw:
             for space in self.needed(m):
@@ -326,7 +342,8 @@ class OmniBind(
         for space, mods in calls.items():
             encoder = self.encoders[space]
             encode = getattr(encoder, "encode", encoder)
-            got = encode({m: raw[m] for m in mods})
+            got = encode({read_as.get(m, m): raw[m] for m in mods})
+            got = {m: got[read_as[m]] for m in mods if read_as.get(m) in got} | got
             for m in mods:
                 if m not in got or len(got[m]) != len(raw[m]):
                     shape = tuple(got[m].shape) if m in got else None
@@ -549,7 +566,7 @@ def _search(args: argparse.Namespace, bind: OmniBind) -> None:
     console = Console()
     gallery = Gallery(args.gallery, backend=args.backend, device=args.device)
     queries, weights, described = {}, {}, []
-    for m in MODALITIES:  # raw items, through the encoders of the model's spaces
+    for m in [*MODALITIES, "video"]:  # raw items, through the encoders of the model's spaces
         for item in getattr(args, m) or []:
             queries[f"{m}:{item}"] = bind.embed(**{m: [item]})[m]
             weights[f"{m}:{item}"] = 1.0
@@ -604,7 +621,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="a cached row, DATASET:MODALITY:ROW[@WEIGHT]; repeat to compose a weighted query",
     )
     for m, example in (("text", "a caption"), ("image", "an image file"), ("audio", "a wav"),
-                       ("point", "a .ply/.npy point cloud")):  # fmt: skip
+                       ("point", "a .ply/.npy point cloud"),
+                       ("video", "a frame folder, .npy clip or video file")):  # fmt: skip
         find.add_argument(f"--{m}", action="append", help=f"a raw query: {example}; repeatable")
     find.add_argument("--k", type=int, default=10)
     find.add_argument("--backend", default="torch", choices=("torch", "faiss"))
@@ -615,9 +633,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             gallery = build_gallery(bind, args.root, args.dataset, args.modality, args.out,
                                     dtype=args.dtype, overwrite=args.overwrite)  # fmt: skip
             print(f"gallery {args.out}: {len(gallery)} {args.modality} rows of {args.dataset}")
-        elif not (args.query or any(getattr(args, m) for m in MODALITIES)):
+        elif not (args.query or any(getattr(args, m) for m in [*MODALITIES, "video"])):
             raise ValueError("search needs a query: --query DATASET:MODALITY:ROW or a raw item "
-                             "(--text, --image, --audio, --point)")  # fmt: skip
+                             "(--text, --image, --audio, --point, --video)")  # fmt: skip
         else:
             _search(args, bind)
     except (CacheError, ValueError, IndexError, FileNotFoundError) as e:

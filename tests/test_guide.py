@@ -68,10 +68,10 @@ def test_the_readme_guide_runs_as_written(tmp_path: Path) -> None:
     assert any(k.endswith("top1") for k in routed["zeroshot"])
     meta = json.loads((tmp_path / "omni" / "demo" / "routed" / "omni.json").read_text())
     assert meta["pairs"] == "pseudo" and meta["validation"] == "pseudo"
-    image_search, audio_search = (o.stdout for o in outputs[-2:])
-    assert "query text: a photo of a ball" in image_search
-    assert re.search(r"top 10 of \d+ in .*galleries/image", image_search)
-    assert re.search(r"top \d+ of \d+ in .*galleries/audio", audio_search)
+    searches = [o.stdout for o in outputs if "query text:" in o.stdout]
+    assert len(searches) == 3 and "query text: a photo of a ball" in searches[0]
+    for found, gallery in zip(searches, ("image", "audio", "video"), strict=True):
+        assert re.search(rf"top \d+ of \d+ in .*galleries/{gallery}", found), found
 
 
 @pytest.mark.slow
