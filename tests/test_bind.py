@@ -330,3 +330,11 @@ def test_without_paired_sets_it_validates_on_held_out_tuples(small_world: Path, 
     assert torch.equal(held.rows["audio"], torch.from_numpy(table["audio"][out]))
     assert torch.equal(held.rows["text"], torch.from_numpy(table["text"][out]))
     assert torch.equal(dm.train_set.rows["audio"], torch.from_numpy(table["audio"][keep]))
+
+
+def test_bind_steps_under_bf16_mixed_on_cpu(small_world: Path, compose_cfg) -> None:
+    cfg = compose_cfg(*BIND, "trainer.precision=bf16-mixed", "++trainer.fast_dev_run=2")
+    score = train(cfg)
+    assert math.isfinite(score)
+    mixture, _ = load_bound_space(cfg.bind.export_dir)
+    assert all(torch.isfinite(p).all() for p in mixture.parameters())

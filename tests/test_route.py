@@ -214,3 +214,20 @@ def test_default_command_runs_the_method_on_pseudo_tuples(tmp_path: Path) -> Non
     assert "Trained on **pseudo** tuples" in (run / "results.md").read_text()
     # Far above chance (1 in 1,000 test items) for every trained method.
     assert all(_mean_r1(methods[m]) > 0.2 for m in ("average", "fixed", "routed", "routed_oracle"))
+
+
+def test_route_steps_under_bf16_mixed_on_cpu() -> None:
+    """trainer.precision=bf16-mixed: L_align and L_dec run under autocast (issue: BCE on
+    probabilities is refused by CUDA autocast; the logits form is not)."""
+    import lightning as L
+    from torch.utils.data import DataLoader
+
+    torch.manual_seed(0)
+    model = RouteModule(_meta(GROUPS))
+    before = {k: v.clone() for k, v in model.model.routers.state_dict().items()}
+    trainer = L.Trainer(accelerator="cpu", precision="bf16-mixed", fast_dev_run=2, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False)  # fmt: skip
+    trainer.fit(model, DataLoader([_route_batch(GROUPS)] * 2, batch_size=None))
+    after = model.model.routers.state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before if k.endswith("weight"))
+    assert all(torch.isfinite(v).all() for v in after.values() if v.is_floating_point())
