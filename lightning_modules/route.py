@@ -220,10 +220,10 @@ class RouteModule(L.LightningModule):
                 self.log(f"router/{key}/{g}", value)
 
     def configure_optimizers(self):
+        hp = self.hparams
+        lr = hp.lr if hp.kind == "routed" else hp.fixed_lr  # fixed: a few constants, larger steps
         return torch.optim.Adam(
-            self.model.routers.parameters(),
-            lr=self.hparams.lr,
-            weight_decay=self.hparams.weight_decay,
+            self.model.routers.parameters(), lr=lr, weight_decay=hp.weight_decay
         )
 
 

@@ -102,6 +102,9 @@ def test_projectors_stay_frozen_in_train_mode() -> None:
     assert all(p.requires_grad for p in model.model.routers.parameters())
     params = {id(p) for g in model.configure_optimizers().param_groups for p in g["params"]}
     assert params == {id(p) for p in model.model.routers.parameters()}
+    assert model.configure_optimizers().param_groups[0]["lr"] == 1e-3
+    fixed = RouteModule(_meta(GROUPS), kind="fixed", lr=1e-3, fixed_lr=1e-2)
+    assert fixed.configure_optimizers().param_groups[0]["lr"] == 1e-2
 
 
 def test_fixed_weights_do_not_depend_on_the_input() -> None:
