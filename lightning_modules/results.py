@@ -1,4 +1,4 @@
-"""The evaluate stage's reports: results.md (complete), a compact console summary, a W&B table.
+"""The evaluate stage's reports: results.md (complete) and a compact console summary.
 
 `results` is the stage's results.json object: {"methods": {name: {"retrieval": {key: fraction},
 "zeroshot": {key: fraction}, "summary": {"mean_R@1": ..., ...}}}, ...}.
@@ -122,21 +122,3 @@ def compact_summary(results: Mapping, width: int = 100) -> str:
         lines.append(f"{fit(name):<{name_width}}" + "".join(f"{r[h]:>{len(h) + 2}}" for h in heads))
     return "\n".join(lines)
 
-
-def log_wandb(run, results: Mapping, benchmarks: Benchmarks) -> None:
-    """A W&B Table (methods as rows, percentages) and fractions in the run's summary."""
-    import wandb  # optional and slow to import: only when a W&B logger is configured
-
-    retrieval, zeroshot = columns(benchmarks, results["methods"])
-    data = []
-    for name, m in results["methods"].items():
-        values = [m["retrieval"].get(k) for k in retrieval] + [
-            m["zeroshot"].get(k) for k in zeroshot
-        ]
-        values.append(m["summary"]["mean_R@1"])
-        data.append([name, *(None if v is None else 100 * v for v in values)])
-        for kind in ("retrieval", "zeroshot", "summary"):
-            for key, value in m[kind].items():
-                run.summary[f"evaluate/{name}/{kind}/{key}"] = value
-    table = wandb.Table(columns=["method", *retrieval, *zeroshot, "mean_R@1"], data=data)
-    run.log({"evaluate/results": table})
