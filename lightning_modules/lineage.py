@@ -29,6 +29,7 @@ from omegaconf import DictConfig
 from datamodules.artifacts import STAMP as VERIFIED
 from encoders.modalities import MODALITIES
 from lightning_modules.config import pairs_source, tuples_path
+from lightning_modules.results import columns
 
 log = logging.getLogger(__name__)
 
@@ -228,8 +229,6 @@ def log_evaluate(logger, cfg: DictConfig, results: Mapping, benchmarks) -> None:
     run's summary and the scored exports as the run's inputs."""
     if not logger:
         return
-    from lightning_modules.results import columns
-
     retrieval, zeroshot = columns(benchmarks, results["methods"])
     rows = results_table(results, retrieval, zeroshot)
     log_table(logger, "evaluate/results", ["method", *retrieval, *zeroshot, "mean_R@1"], rows)
