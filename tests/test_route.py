@@ -174,7 +174,7 @@ def test_pipeline_end_to_end_on_a_small_world(small_world: Path, compose_cfg, tm
 
     # A rerun skips every finished stage; a changed route setting reruns only the routes (from
     # here on only `routed`, to keep the test short).
-    overrides.append("pipeline.routes={routed:{}}")
+    overrides += ["~pipeline.routes.fixed", "~pipeline.routes.routed_l0"]
     export = tmp_path / "omni" / "small" / "routed" / "omni.safetensors"
     bound = tmp_path / "bound" / "clap" / "projectors.safetensors"
     before = (export.stat().st_mtime_ns, bound.stat().st_mtime_ns)
