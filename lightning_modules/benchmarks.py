@@ -277,3 +277,28 @@ def manifest_path(which: str, root: Path) -> Path:
     if str(which) in ("val", "test"):
         return Path(root) / f"benchmarks_{which}.json"
     return Path(str(which))
+
+
+def _by_k(key: str) -> tuple[str, int]:
+    """Sort key: R@5 before R@10, top1 before top5."""
+    head, _, last = key.rpartition("/")
+    digits = "".join(c for c in last if c.isdigit())
+    return head + "/" + last.rstrip("0123456789@"), int(digits or 0)
+
+
+def columns(benchmarks: Benchmarks, methods: Mapping[str, Mapping]) -> tuple[list, list]:
+    """Retrieval and zero-shot result keys in manifest order, as produced by any method."""
+    seen = {k for m in methods.values() for k in m["retrieval"]}
+    retrieval = []
+    for bench in benchmarks.retrieval:
+        for q, t in (bench.modalities, bench.modalities[::-1]):
+            for key in sorted((k for k in seen if k.startswith(f"{q}_to_{t}/")), key=_by_k):
+                if key.count("/") == 1 or f"/{bench.name}/" in key:
+                    retrieval.append(key)
+    retrieval = list(dict.fromkeys(retrieval))
+    seen = {k for m in methods.values() for k in m["zeroshot"]}
+    zeroshot = []
+    for bench in benchmarks.zeroshot:
+        prefix = f"{bench.modality}/{bench.name}/"
+        zeroshot += sorted((k for k in seen if k.startswith(prefix)), key=_by_k)
+    return retrieval, zeroshot

@@ -28,8 +28,8 @@ from omegaconf import DictConfig
 
 from datamodules.artifacts import STAMP as VERIFIED
 from encoders.modalities import MODALITIES
+from lightning_modules.benchmarks import columns
 from lightning_modules.config import pairs_source, tuples_path
-from lightning_modules.results import columns
 
 log = logging.getLogger(__name__)
 

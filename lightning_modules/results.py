@@ -8,35 +8,10 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from lightning_modules.benchmarks import Benchmarks
+from lightning_modules.benchmarks import Benchmarks, columns
 from lightning_modules.scoring import TIES, mean_r1
 
 ARROW = "\u2192"
-
-
-def _by_k(key: str) -> tuple[str, int]:
-    """Sort key: R@5 before R@10, top1 before top5."""
-    head, _, last = key.rpartition("/")
-    digits = "".join(c for c in last if c.isdigit())
-    return head + "/" + last.rstrip("0123456789@"), int(digits or 0)
-
-
-def columns(benchmarks: Benchmarks, methods: Mapping[str, Mapping]) -> tuple[list, list]:
-    """Retrieval and zero-shot result keys in manifest order, as produced by any method."""
-    seen = {k for m in methods.values() for k in m["retrieval"]}
-    retrieval = []
-    for bench in benchmarks.retrieval:
-        for q, t in (bench.modalities, bench.modalities[::-1]):
-            for key in sorted((k for k in seen if k.startswith(f"{q}_to_{t}/")), key=_by_k):
-                if key.count("/") == 1 or f"/{bench.name}/" in key:
-                    retrieval.append(key)
-    retrieval = list(dict.fromkeys(retrieval))
-    seen = {k for m in methods.values() for k in m["zeroshot"]}
-    zeroshot = []
-    for bench in benchmarks.zeroshot:
-        prefix = f"{bench.modality}/{bench.name}/"
-        zeroshot += sorted((k for k in seen if k.startswith(prefix)), key=_by_k)
-    return retrieval, zeroshot
 
 
 def label(key: str) -> str:
@@ -121,4 +96,3 @@ def compact_summary(results: Mapping, width: int = 100) -> str:
     for name, r in rows.items():
         lines.append(f"{fit(name):<{name_width}}" + "".join(f"{r[h]:>{len(h) + 2}}" for h in heads))
     return "\n".join(lines)
-
