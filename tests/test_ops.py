@@ -292,7 +292,11 @@ def test_each_multirun_job_and_sweep_run_gets_its_own_run(monkeypatch) -> None:
     assert job_run_name(cfg, cfg.hydra) == "sweep-bind-r42"
 
 
-def test_ddp_launched_by_lightning_is_refused_inside_a_multirun(compose_cfg) -> None:
+def test_ddp_launched_by_lightning_is_refused_inside_a_multirun(compose_cfg, monkeypatch) -> None:
+    # Lightning launches the ranks itself only when no launcher's variables are set (an earlier
+    # in-process DDP run may leave LOCAL_RANK and friends behind).
+    for name in ("LOCAL_RANK", "NODE_RANK", "GROUP_RANK", "WORLD_SIZE", "TORCHELASTIC_RUN_ID"):
+        monkeypatch.delenv(name, raising=False)
     cfg = compose_cfg(*BIND, "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2")
     make_trainer(cfg, 1, [])  # a single run may launch its ranks
     HydraConfig.instance().set_config(_hydra_cfg(*BIND))
