@@ -73,7 +73,8 @@ def test_the_readme_guide_runs_as_written(tmp_path: Path) -> None:
     searches = [o.stdout for o in outputs if "query text:" in o.stdout]
     assert len(searches) == 3 and "query text: a photo of a ball" in searches[0]
     for found, gallery in zip(searches, ("image", "audio", "video"), strict=True):
-        assert re.search(rf"top \d+ of \d+ in\s+\S*galleries/{gallery}", found), found
+        flat = re.sub(r"\s+", "", found)  # rich wraps the table title (a long path) anywhere
+        assert re.search(rf"top\d+of\d+in\S*galleries/{gallery}", flat), found
 
 
 @pytest.mark.slow
