@@ -38,7 +38,7 @@ from pydantic.dataclasses import dataclass
 from datamodules.cache import DTYPES
 from encoders.modalities import MODALITIES, PROVENANCES
 from encoders.readers import LoadSettings
-from lightning_modules.pair import Clean
+from lightning_modules.pair_clean import Clean
 
 log = logging.getLogger(__name__)
 
@@ -137,7 +137,7 @@ class Pair:
     device: Str
     dedupe: Bool
     min_tuples: Int
-    clean: Clean  # declared in lightning_modules/pair.py (its own checks run in the stage)
+    clean: Clean  # declared in lightning_modules/pair_clean.py (its own checks run in the stage)
     progress: Bool
     output: Str
 

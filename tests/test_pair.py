@@ -12,20 +12,17 @@ from test_search import _brute, _gauss
 from datamodules.cache import CacheError, CacheWriter, EmbeddingCache, cache_dir
 from datamodules.tuples import load_tuples, save_tuples, weights_of
 from encoders.modalities import MODALITIES, PROVENANCES
-from lightning_modules.pair import (
-    SUMMARY,
-    Clean,
+from lightning_modules.pair import SUMMARY
+from lightning_modules.pair_clean import Clean, apply_cells, reuse_keep, soft_conf
+from lightning_modules.pair_plan import (
     Hop,
-    apply_cells,
     build_tuples,
     check_route_spaces,
     dedupe,
     parse_routes,
     plan_paths,
-    reuse_keep,
-    soft_conf,
-    summarize,
 )
+from lightning_modules.pair_stats import summarize
 from train import train
 
 # The shared small world has clap, not wavcaps, as its audio-text space.
