@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from datamodules.items import RawDataError
 from datamodules.jobs import ExtractJob
 from encoders.base import Processor, pad_frames
-from encoders.readers import LoadSettings, load_frames, load_raw
+from encoders.readers import LoadSettings, load_audio_track, load_frames, load_raw
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +33,7 @@ class Sample(NamedTuple):
 class RawDataset(Dataset):
     """Loads and prepares one item per index; a failed item either raises (on_error=raise) or
     comes back flagged, with a loadable item's data standing in so that batches keep their shape.
+    A video of a job with `audio_weight` is (frames, its prepared audio track or None).
     """
 
     def __init__(
@@ -52,7 +53,11 @@ class RawDataset(Dataset):
         source = self.job.items.sources[index]
         if self.job.frames:
             frames = load_frames(source, self.job.frames, self.job.stride, s.frame_size)
-            return torch.stack([p.item(m, f) for f in frames])
+            frames = torch.stack([p.item(m, f) for f in frames])
+            if self.job.audio_weight is None:
+                return frames
+            wave = load_audio_track(source, p.sample_rate, p.clip_samples, s.clip, s.pad)
+            return frames, None if wave is None else p.item("audio", wave)
         return p.item(m, load_raw(m, source, p, s, index))
 
     def fallback(self) -> Any:
@@ -115,13 +120,22 @@ class ChunkBatchSampler(Sampler[list[tuple[int, bool]]]):
 
 class Collate:
     """Samples -> {ids (B,), pad (B,), inputs (the processor's batch), errors [(id, msg)]};
-    video: inputs (B, T, 3, H, W) zero-padded to the longest clip, and `mask` (B, T)."""
+    video: inputs (B, T, 3, H, W) zero-padded to the longest clip, and `mask` (B, T); with an
+    `audio_weight`, `audio` (the audio batch of the clips with a track) and `has_audio` (B,)."""
 
-    def __init__(self, processor: Processor, modality: str, video: bool) -> None:
+    def __init__(
+        self, processor: Processor, modality: str, video: bool, audio_weight: float | None = None
+    ) -> None:
         self.processor, self.modality, self.video = processor, modality, video
+        self.audio_weight = audio_weight
 
     def __call__(self, samples: Sequence[Sample]) -> dict:
-        data, mask = [s.data for s in samples], None
+        data, mask, audio, has_audio = [s.data for s in samples], None, None, None
+        if self.video and self.audio_weight is not None:
+            data, tracks = zip(*data, strict=True)
+            has_audio = torch.tensor([t is not None for t in tracks], dtype=torch.bool)
+            if has_audio.any():
+                audio = self.processor.batch("audio", [t for t in tracks if t is not None])
         inputs = pad_frames(data) if self.video else self.processor.batch(self.modality, data)
         if self.video:
             inputs, mask = inputs
@@ -133,6 +147,9 @@ class Collate:
             errors=[(s.index, s.error) for s in samples if s.error is not None],
             modality=self.modality,
             video=self.video,
+            audio=audio,
+            has_audio=has_audio,
+            audio_weight=self.audio_weight,
         )
 
 
@@ -192,7 +209,9 @@ class RawDataModule(L.LightningDataModule):
             DataLoader(
                 RawDataset(job, self.processor, self.settings, self.on_error),
                 batch_sampler=sampler,
-                collate_fn=Collate(self.processor, job.modality, bool(job.frames)),
+                collate_fn=Collate(
+                    self.processor, job.modality, bool(job.frames), job.audio_weight
+                ),  # fmt: skip
                 num_workers=self.num_workers,
                 pin_memory=torch.cuda.is_available(),
             )

@@ -50,6 +50,7 @@ class ExtractJob:
     dtype: str = "float16"
     frames: int | None = None  # video: at most this many frames per item, averaged
     stride: int | None = None  # video: every stride-th frame (None: spread evenly)
+    audio_weight: float | None = None  # video: the audio track joins with this weight
     meta: dict = field(default_factory=dict)  # recorded in the manifest (encoder, source)
 
     @property
@@ -117,9 +118,15 @@ class ExtractJob:
         return [c for c in range(self.n_chunks) if c not in done]
 
     def write_chunk(
-        self, c: int, emb: np.ndarray, ids: np.ndarray, errors: Sequence[tuple[int, str]] = ()
+        self,
+        c: int,
+        emb: np.ndarray,
+        ids: np.ndarray,
+        errors: Sequence[tuple[int, str]] = (),
+        extras: dict[str, np.ndarray] | None = None,
     ) -> None:
-        """Write chunk c: its embeddings (rows, dim) with ids, and its failed items' errors."""
+        """Write chunk c: its embeddings (rows, dim) with ids, and its failed items' errors;
+        `extras` are per-row columns beside the item list's (a video's `audio_track` flag)."""
         errors_path = self.directory / "errors" / f"chunk_{c:06d}.json"
         if errors:
             atomic_write_json(errors_path, [
@@ -135,8 +142,8 @@ class ExtractJob:
             dtype=self.dtype, fingerprint=self.fingerprint, resume=True,
             shard_prefix=f"shard_{c:06d}_",
         )  # fmt: skip
-        extras = {k: v[ids] for k, v in self.items.extras.items()}
-        writer.append(emb, ids.astype(np.int64), **extras)
+        columns = {k: v[ids] for k, v in self.items.extras.items()} | (extras or {})
+        writer.append(emb, ids.astype(np.int64), **columns)
 
     def finalize(self) -> dict:
         """Check every chunk is accounted for, merge the errors, and write the manifest."""
@@ -169,4 +176,10 @@ class ExtractJob:
         if errors:
             log.warning("%s: %d of %d items failed and were skipped; see %s", self.name,
                         len(errors), len(self.items), self.directory / ERRORS)  # fmt: skip
+        if self.audio_weight is not None:
+            tracks = sum(int(np.load(self.directory / f"{s['name']}.audio_track.npy").sum())
+                         for s in manifest["shards"])  # fmt: skip
+            log.info("%s: %d of %d clips have no audio track and are embedded from their frames "
+                     "only (the `audio_track` extra marks the rows it joined)", self.name,
+                     manifest["count"] - tracks, manifest["count"])  # fmt: skip
         return manifest

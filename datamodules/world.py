@@ -39,6 +39,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
+import torch
 from omegaconf import DictConfig, OmegaConf
 
 from datamodules.cache import (
@@ -51,6 +52,7 @@ from datamodules.cache import (
 )
 from datamodules.tuples import save_tuples
 from encoders.modalities import MODALITIES, PAIRS, PROVENANCES
+from encoders.video import audio_track_weight, join_audio
 
 log = logging.getLogger(__name__)
 SPACE_DIR = Path(__file__).resolve().parents[1] / "conf" / "space"
@@ -193,6 +195,9 @@ class World:
             mean = float(np.mean(list(per_view.values())))
             noise[m] = {v: max(0.05, mean + s * (float(x) - mean)) for v, x in per_view.items()}
         out = dict(dims=dict(space["dims"]), attend=dict(world["attend"]), noise=noise)
+        audio = audio_track_weight(name, space)
+        if audio is not None:  # only when on, so the fingerprints of spaces without it stay
+            out["audio_track"] = audio
         return out if tower is None else self._tower(name, out, str(tower))
 
     def _tower(self, name: str, own: dict, tower: str) -> dict:
@@ -242,6 +247,13 @@ class World:
         off = {m: (0.2 * r.standard_normal(d)).astype(np.float32) for m in MODALITIES}
         self._weights[key] = (w1, w2, off)
         return w1, w2, off
+
+    def sounding(self, concepts: np.ndarray) -> np.ndarray:
+        """Whether each concept row makes a sound (bool): a share of all concepts, drawn once per
+        world; the share is the audio pool's coverage (data.pool_coverage.audio.share), in v1 1."""
+        coverage = self.cfg.get("pool_coverage")
+        share = 1.0 if coverage is None else float(coverage["audio"]["share"])
+        return _rng(self.seed, "sound").random(len(self.concepts))[concepts] < share
 
     def instances(self, concepts: np.ndarray, r: np.random.Generator) -> np.ndarray:
         """Instance latents (n, 64) of the given concept rows (a row may mix concepts: (n, k))."""
@@ -485,7 +497,12 @@ def _zeroshot(world: World, modality: str, multilabel: bool = False) -> dict[str
 def _video(world: World, split: str) -> dict[str, dict]:
     """Video-caption pairs (MSR-VTT-like, one caption each). A video is `frames` views of one
     instance, each with its own nuisance (pose, light: latent jitter) and a photo or render look;
-    its cache is the `image` modality, frames embedded one by one and averaged (`frames` key)."""
+    its cache is the `image` modality, frames embedded one by one and averaged (`frames` key).
+
+    A video of a concept that makes a sound (`World.sounding`) also has an audio track: its
+    instance heard through the audio view (`track`: observations and their rows), which joins the
+    frames in the spaces whose `video.audio_track` is on. Its draws have a generator of their own,
+    so the frames, captions and every cache without the option are as they were."""
     spec = world.cfg["video"]
     frames, jitter = int(spec["frames"]), float(spec["frame_noise"])
     labels = np.repeat(world.split[split], int(world.cfg["per_concept"]))
@@ -502,8 +519,17 @@ def _video(world: World, split: str) -> dict[str, dict]:
         extras["coarse"] = world.coarse[labels].astype(np.int64)
     tviews = np.array(["caption_image"] * n)  # MSR-VTT captions describe what is seen
     tx = world.observe(latents, tviews, _rng(world.seed, split, "video", "text"))
+    rows = np.flatnonzero(world.sounding(labels))
+    aviews = np.array(["audio"] * len(rows))
+    ax = world.observe(latents[rows], aviews, _rng(world.seed, split, "video", "audio"))
     return {
-        "image": dict(x=world.observe(u, views, r), views=views, frames=frames, extras=extras),
+        "image": dict(
+            x=world.observe(u, views, r),
+            views=views,
+            frames=frames,
+            extras=extras,
+            track=dict(x=ax, views=aviews, rows=rows),
+        ),  # fmt: skip
         "text": dict(x=tx, views=tviews, extras=dict(extras)),
     }
 
@@ -553,6 +579,31 @@ def fingerprint(cfg: Mapping, space: Mapping | None = None) -> str:
     return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def embed(
+    world: World, dataset: str, name: str, modality: str, obs: Mapping
+) -> tuple[np.ndarray, dict]:
+    """Space `name`'s unit embeddings (n, d) of a dataset's observations of `modality`, and their
+    per-row extras. A video is the mean of its frames' embeddings, re-normalised; where the
+    space's `video.audio_track` is on, the audio tracks join (encoders/video.py's `join_audio`)
+    and an `audio_track` extra marks the rows they joined."""
+    r = _rng(world.seed, dataset, modality, world.rng_name(name, modality))
+    emb = world.encode(name, modality, obs["x"], obs["views"], r)
+    extras = obs["extras"]
+    if not obs.get("frames"):
+        return emb, extras
+    emb = emb.reshape(-1, obs["frames"], emb.shape[1]).mean(1)
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    weight = world.spaces[name].get("audio_track")
+    if weight is None:
+        return emb, extras
+    track, flags = obs["track"], np.zeros(len(emb), np.int8)
+    ra = _rng(world.seed, dataset, "audio_track", world.rng_name(name, "audio"))
+    audio = world.encode(name, "audio", track["x"], track["views"], ra)
+    joined = join_audio(torch.from_numpy(emb[track["rows"]]), torch.from_numpy(audio), weight)
+    emb[track["rows"]], flags[track["rows"]] = joined.numpy(), 1
+    return emb, dict(extras, audio_track=flags)
+
+
 def ensure_world(cfg: Mapping, spaces: Mapping[str, Mapping]) -> Path:
     """Write every missing cache of the world for the named spaces; return the world's root.
 
@@ -583,17 +634,12 @@ def ensure_world(cfg: Mapping, spaces: Mapping[str, Mapping]) -> Path:
         log.info("world: writing %s for %s", dataset, sorted({t[0] for t in todo}))
         observations = make()
         for name, m, d, fp in todo:
-            obs = observations[m]
-            r = _rng(world.seed, dataset, m, world.rng_name(name, m))
-            emb = world.encode(name, m, obs["x"], obs["views"], r)
-            if obs.get("frames"):  # a video: the mean of its frames' embeddings, re-normalised
-                emb = emb.reshape(-1, obs["frames"], emb.shape[1]).mean(1)
-                emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+            emb, extras = embed(world, dataset, name, m, observations[m])
             writer = CacheWriter(
                 d, space=name, modality=m, dim=emb.shape[1], dtype=cfg["dtype"],
                 normalized=True, fingerprint=fp, overwrite=True,
             )  # fmt: skip
-            writer.append(emb, np.arange(len(emb), dtype=np.int64), **obs["extras"])
+            writer.append(emb, np.arange(len(emb), dtype=np.int64), **extras)
             writer.close(dataset=dataset, source="synthetic world")
     _write_oracle_tuples(cfg, root)
     _write_benchmarks(root, video=cfg.get("video") is not None)

@@ -79,10 +79,18 @@ class Encoder(nn.Module):
             out[modality] = F.normalize(emb, dim=-1)
         return out
 
-    def embed_video(self, frames: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    def embed_video(
+        self,
+        frames: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        audio: Any = None,
+        has_audio: torch.Tensor | None = None,
+        audio_weight: float | None = None,
+    ) -> torch.Tensor:
         """Video clips (batch, time, 3, H, W) -> (batch, dim) through the image side (see
-        encoders/video.py): frame embeddings averaged, then re-normalised."""
-        return encode_video(self, frames, mask)
+        encoders/video.py): frame embeddings averaged, then re-normalised; with `audio_weight`,
+        the audio batch of the clips `has_audio` marks joins them."""
+        return encode_video(self, frames, mask, audio, has_audio, audio_weight)
 
     @torch.inference_mode()
     def encode(

@@ -10,6 +10,10 @@ format, row-aligned with the dataset's item list. Layout under `encoder.path`:
 
 An id is either the item's key (its file path relative to the source folder, without suffix, or
 a text record's `id`), its file stem, or an integer row of the item list.
+
+Videos with the space's `video.audio_track` on: `<path>/<dataset>/image.*` holds the clips' frame
+averages and `<path>/<dataset>/audio.*` their audio tracks' embeddings, under the same ids (a clip
+without a track is left out); the extract stage joins them as encoders/video.py says.
 """
 
 from __future__ import annotations

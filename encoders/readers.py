@@ -6,6 +6,8 @@ image   load_image     any format Pillow decodes, as RGB
 audio   load_audio     any format soundfile reads, mono, resampled (scipy) and fitted
 point   load_points    .npy (n, 3 | 6) or .ply vertices (plyfile), normalised and sampled
 video   load_frames    a frame folder, a (T, H, W, 3) .npy, or a video file (PyAV)
+        load_audio_track   its audio: a sidecar audio file of the same stem, or a video file's
+                           audio stream (PyAV); None when the clip has neither
 """
 
 from __future__ import annotations
@@ -198,6 +200,63 @@ def load_frames(
                 )
             out[n] = frame.resize(size)
     return out
+
+
+def audio_sidecar(path: str) -> Path | None:
+    """The audio file beside a video with its stem (`clip/` or `clip.npy` -> `clip.wav`), if any."""
+    p = Path(path)
+    stem = p.name if p.is_dir() else p.stem
+    found = [p.parent / f"{stem}{ext}" for ext in EXTENSIONS["audio"]]
+    found = [f for f in found if f.is_file()]
+    if len(found) > 1:
+        raise RawDataError(f"several audio tracks beside the video: {[f.name for f in found]}")
+    return found[0] if found else None
+
+
+def _decode_audio_stream(path: Path, sample_rate: int | None) -> np.ndarray | None:
+    """A video file's first audio stream as a mono float32 waveform (PyAV), or None."""
+    import av
+
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.audio:
+                return None
+            stream = container.streams.audio[0]
+            rate = int(sample_rate or stream.codec_context.sample_rate)
+            resampler = av.AudioResampler(format="flt", layout="mono", rate=rate)
+            chunks = [f.to_ndarray().reshape(-1) for frame in container.decode(stream)
+                      for f in resampler.resample(frame)]  # fmt: skip
+            chunks += [f.to_ndarray().reshape(-1) for f in resampler.resample(None)]
+    except (av.FFmpegError, ValueError, IndexError) as e:
+        raise RawDataError(f"undecodable audio stream ({type(e).__name__}: {e})") from e
+    wave = np.concatenate(chunks) if chunks else np.zeros(0, np.float32)
+    if len(wave) == 0:
+        return None  # an audio stream without samples: no track
+    if not np.isfinite(wave).all():
+        raise RawDataError("audio track samples are NaN or inf")
+    return wave.astype(np.float32)
+
+
+def load_audio_track(
+    path: str,
+    sample_rate: int | None,
+    clip_samples: int | None = None,
+    clip: str = "start",
+    pad: str = "repeat",
+) -> np.ndarray | None:
+    """A video's audio track as load_audio gives it, or None when it has none: a sidecar audio
+    file of the same stem (frame folders, .npy clips and video files), else a video file's own
+    audio stream (PyAV)."""
+    sidecar = audio_sidecar(path)
+    if sidecar is not None:
+        return load_audio(str(sidecar), sample_rate, clip_samples, clip, pad)
+    p = Path(path)
+    if p.is_dir() or p.suffix.lower() == ".npy":
+        return None
+    wave = _decode_audio_stream(p, sample_rate)
+    if wave is not None and clip_samples:
+        wave = fit_length(wave, int(clip_samples), clip, pad)
+    return wave
 
 
 @dataclass

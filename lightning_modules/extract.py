@@ -33,8 +33,9 @@ from datamodules.extraction import RawDataModule
 from datamodules.jobs import ExtractJob
 from encoders import build_encoder, build_processor, encoder_class
 from encoders.base import Encoder
-from encoders.precomputed import DumpError
+from encoders.precomputed import SUFFIXES, DumpError
 from encoders.readers import LoadSettings
+from encoders.video import join_audio
 from lightning_modules.config import to_plain
 from lightning_modules.extract_plan import plan, write_manifests
 from lightning_modules.training import make_trainer
@@ -69,10 +70,12 @@ class ExtractModule(L.LightningModule):
     def predict_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> dict:
         inputs, modality = batch["inputs"], batch["modality"]
         if batch["video"]:
-            emb = self.encoder.embed_video(inputs, batch["mask"])
+            emb = self.encoder.embed_video(inputs, batch["mask"], batch["audio"],
+                                           batch["has_audio"], batch["audio_weight"])  # fmt: skip
         else:
             emb = self.encoder({modality: inputs})[modality]
-        return {"emb": emb, "ids": batch["ids"], "pad": batch["pad"]}
+        return {"emb": emb, "ids": batch["ids"], "pad": batch["pad"],
+                "has_audio": batch["has_audio"]}  # fmt: skip
 
 
 def load_gathered(module: torch.nn.Module, state: Mapping[str, torch.Tensor] | None) -> None:
@@ -145,13 +148,20 @@ class CacheShardWriter(BasePredictionWriter):
         if not real:
             return  # a batch that only pads this rank's share
         c = real[0] // job.shard_size  # ChunkBatchSampler's batches never cross a chunk
-        buf = self.open.setdefault((dataloader_idx, c), {"ids": [], "emb": [], "errors": []})
+        buf = self.open.setdefault((dataloader_idx, c),
+                                   {"ids": [], "emb": [], "errors": [], "audio": []})  # fmt: skip
         buf["ids"].extend(ids.tolist())
         buf["emb"].append(emb.numpy())
         buf["errors"].extend(batch["errors"])
+        if prediction.get("has_audio") is not None:  # a video with its audio track joined
+            buf["audio"].append(prediction["has_audio"].cpu()[keep].numpy())
         if len(buf["ids"]) + len(buf["errors"]) == len(job.chunk(c)):
+            extras = None
+            if job.audio_weight is not None:
+                tracks = np.concatenate(buf["audio"]) if buf["audio"] else np.zeros(0, bool)
+                extras = {"audio_track": tracks.astype(np.int8)}
             job.write_chunk(c, np.concatenate(buf["emb"]), np.asarray(buf["ids"], np.int64),
-                            buf["errors"])  # fmt: skip
+                            buf["errors"], extras)  # fmt: skip
             del self.open[(dataloader_idx, c)]
 
     def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -198,9 +208,12 @@ def import_precomputed(cfg: DictConfig, jobs: list[ExtractJob]) -> list[dict]:
         if not job.prepare(cfg.extract.overwrite):
             log.info("%s is already imported (%s)", job.name, job.directory)
             continue
-        encoder = build_encoder(encoder_cfg, dims, dataset=job.dataset,
-                                keys={job.modality: job.items.keys})  # fmt: skip
+        keys = {job.modality: job.items.keys}
+        if job.audio_weight is not None:  # the videos' audio tracks: <dataset>/audio.* rows
+            keys["audio"] = job.items.keys
+        encoder = build_encoder(encoder_cfg, dims, dataset=job.dataset, keys=keys)
         emb_all, found = encoder.table(job.modality)
+        tracks = audio_track_dump(encoder, job)
         for c in job.pending_chunks():
             ids, errors = [], []
             for i in job.chunk(c):
@@ -217,10 +230,32 @@ def import_precomputed(cfg: DictConfig, jobs: list[ExtractJob]) -> list[dict]:
                                 f"({len(errors)} such items in chunk {c}); set "
                                 "extract.on_error=skip to skip and list them")  # fmt: skip
             keys = [job.items.keys[i] for i in ids]
-            emb = encoder({job.modality: keys})[job.modality].numpy() if ids else None
-            job.write_chunk(c, emb, np.asarray(ids, np.int64), errors)
+            emb = encoder({job.modality: keys})[job.modality] if ids else None
+            extras = None
+            if tracks is not None:
+                has = torch.tensor([k in tracks for k in keys], dtype=torch.bool)
+                if has.any():
+                    audio = encoder({"audio": [k for k in keys if k in tracks]})["audio"]
+                    emb[has] = join_audio(emb[has], audio, job.audio_weight)
+                extras = {"audio_track": has.numpy().astype(np.int8)}
+            emb = emb.numpy() if emb is not None else None
+            job.write_chunk(c, emb, np.asarray(ids, np.int64), errors, extras)
         manifests.append(job.finalize())
     return manifests
+
+
+def audio_track_dump(encoder, job: ExtractJob) -> dict[str, int] | None:
+    """Precomputed videos with `audio_track` on: {video key: row} of the dump's `audio` table of
+    the video dataset (their audio tracks' embeddings); empty when there is no such dump."""
+    if job.audio_weight is None:
+        return None
+    folder = encoder.path / job.dataset
+    if not any((folder / f"audio{suffix}").exists() for suffix in SUFFIXES):
+        log.warning("%s: video.audio_track is on, but %s holds no audio{%s} dump of the clips' "
+                    "audio tracks; every clip is embedded from its frames only", job.name,
+                    folder, ",".join(SUFFIXES))  # fmt: skip
+        return {}
+    return encoder.table("audio")[1]
 
 
 def run(cfg: DictConfig) -> int:

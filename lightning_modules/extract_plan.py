@@ -23,6 +23,7 @@ from datamodules.artifacts import atomic_write_json, fingerprint
 from datamodules.cache import cache_dir
 from datamodules.items import Items, RawDataError, link_captions, list_items
 from datamodules.jobs import ExtractJob
+from encoders.video import audio_track_weight
 from lightning_modules.benchmarks import load_benchmarks, zeroshot_prompts
 from lightning_modules.config import to_plain
 
@@ -31,14 +32,17 @@ def _job(cfg: DictConfig, dataset: str, modality: str, items: Items, spec: Mappi
     data, space, ex = cfg.data, cfg.space, cfg.extract
     encoder_cfg, dim = to_plain(space.encoder), int(space.dims[modality])
     video = dict(frames=spec.get("frames"), stride=spec.get("stride"))
+    audio = audio_track_weight(space.name, space) if video["frames"] else None
     load = to_plain(data.get("load", {}))
+    # The audio track enters the fingerprint only when on: caches extracted without it keep theirs.
+    joined = {} if audio is None else {"audio_track": audio}
     fp = fingerprint(dict(space=space.name, dim=dim, encoder=encoder_cfg, modality=modality,
-                          dataset=dataset, items=items.digest(), load=load, **video,
+                          dataset=dataset, items=items.digest(), load=load, **video, **joined,
                           shard_size=ex.shard_size, dtype=ex.dtype))  # fmt: skip
     return ExtractJob(
         dataset, modality, items, cache_dir(data.root, dataset, space.name, modality),
         space.name, dim, fp, int(ex.shard_size), ex.dtype, video["frames"], video["stride"],
-        meta=dict(source=f"extract: {data.name}", encoder=encoder_cfg),
+        audio, meta=dict(source=f"extract: {data.name}", encoder=encoder_cfg, **joined),
     )  # fmt: skip
 
 
@@ -70,6 +74,7 @@ def plan(cfg: DictConfig) -> list[ExtractJob]:
     zero-shot prompt set of `data.benchmarks` when the space embeds text."""
     data, space, ex = cfg.data, cfg.space, cfg.extract
     dims = dict(space.dims)
+    audio_track_weight(space.name, space)  # a space without audio refuses video.audio_track
     datasets = to_plain(data.datasets)
     chosen = list(ex.datasets) if ex.get("datasets") else list(datasets)
     unknown = sorted(set(chosen) - set(datasets))

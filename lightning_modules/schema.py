@@ -38,6 +38,7 @@ from pydantic.dataclasses import dataclass
 from datamodules.cache import DTYPES
 from encoders.modalities import MODALITIES, PROVENANCES
 from encoders.readers import LoadSettings
+from encoders.video import AUDIO_WEIGHT
 from lightning_modules.pair_clean import Clean
 
 log = logging.getLogger(__name__)
@@ -239,6 +240,14 @@ class SpaceWorld:
 
 
 @dataclass(config=CLOSED)
+class SpaceVideo:
+    """A space's video options (encoders/video.py); a space without `video:` has them off."""
+
+    audio_track: Bool  # join the clip's audio embedding (a space with an audio side only)
+    audio_weight: Float = AUDIO_WEIGHT  # w in normalize((1 - w) frames + w audio)
+
+
+@dataclass(config=CLOSED)
 class Space:
     """conf/space/<name>.yaml: `space`, `anchor` and each `variant.spaces.<name>`."""
 
@@ -248,6 +257,7 @@ class Space:
     text_specialty: Provenance
     encoder: dict[Str, Any] | None = None  # instantiated by encoders/ (extract)
     world: SpaceWorld | None = None  # only the synthetic world needs it
+    video: SpaceVideo | None = None  # video options (absent: frames only)
 
 
 @dataclass(config=CLOSED)
