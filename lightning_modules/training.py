@@ -18,7 +18,7 @@ import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from lightning.pytorch.callbacks import LearningRateMonitor, ProgressBar
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, ProgressBar
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig
@@ -113,8 +113,8 @@ class WandbSummary(L.Callback):
             columns = sorted({k for r in rows.values() for k in r})
             data = [[d, *(r.get(c) for c in columns)] for d, r in sorted(rows.items())]
             logger.log_table("val/summary", columns=["direction", *columns], data=data)
-        ckpt = trainer.checkpoint_callback
-        if ckpt is not None and ckpt.monitor and ckpt.best_model_score is not None:
+        ckpt = best_checkpoint(trainer)
+        if ckpt is not None and ckpt.best_model_score is not None:
             # What W&B sweeps optimise: the summary keeps only the last value of a metric.
             logger.experiment.summary[f"{ckpt.monitor}_best"] = float(ckpt.best_model_score)
 
@@ -188,6 +188,15 @@ def make_trainer(cfg: DictConfig, epochs: int, callbacks: list, logger=None) -> 
     return trainer
 
 
+def best_checkpoint(trainer: L.Trainer) -> ModelCheckpoint | None:
+    """The checkpoint callback that keeps the best monitored score (callbacks.model_checkpoint);
+    last_checkpoint, which has no monitor, only keeps the latest epoch."""
+    return next(
+        (c for c in trainer.checkpoint_callbacks if isinstance(c, ModelCheckpoint) and c.monitor),
+        None,
+    )
+
+
 def load_checkpoint(cls: type[L.LightningModule], path: str | Path) -> L.LightningModule:
     """A module from a Lightning checkpoint file, or from DeepSpeed's checkpoint directory."""
     path = Path(path)
@@ -214,7 +223,7 @@ def fit_best(
     logger = make_logger(cfg)
     trainer = make_trainer(cfg, epochs, make_callbacks(cfg, logger), logger=logger)
     trainer.fit(model, datamodule, ckpt_path=resume)
-    ckpt = trainer.checkpoint_callback
+    ckpt = best_checkpoint(trainer)
     if ckpt is not None and ckpt.best_model_path:
         return (
             trainer,
