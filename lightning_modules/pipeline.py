@@ -13,6 +13,7 @@ import logging
 from collections.abc import Callable
 from pathlib import Path
 
+import lightning as L
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from datamodules.artifacts import atomic_write_json, file_sha256, fingerprint
@@ -75,6 +76,9 @@ def _step(
         log.info("pipeline: %s is done (%s); skipping", name, directory)
         return output()
     log.info("pipeline: running %s", name)
+    # Each stage starts from the seed, as it does when run alone: its result then depends neither
+    # on how much randomness the stages before it drew nor on which of them were skipped as fresh.
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
     run()
     made = output()
     atomic_write_json(directory / STAMP, {"digest": digest, "stage": name, "output": made})
