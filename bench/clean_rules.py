@@ -28,14 +28,15 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 OUT = REPO / "bench" / "clean_rules_results"
-RULES = {  # name: overrides of the pair stage (conf/config.yaml, pair.clean)
-    "none": [],
-    "mutual": ["pair.clean.mutual=true"],
-    "cross_k5": ["pair.clean.cross_k=5"],
-    "csls10": ["pair.clean.csls=10"],
+OFF = ["pair.clean.provenance=false"]  # every rule off (the default turns provenance on)
+RULES = {  # name: overrides of the pair stage (conf/config.yaml, pair.clean): one rule alone
+    "none": OFF,
+    "mutual": [*OFF, "pair.clean.mutual=true"],
+    "cross_k5": [*OFF, "pair.clean.cross_k=5"],
+    "csls10": [*OFF, "pair.clean.csls=10"],
     "provenance": ["pair.clean.provenance=true"],
-    "max_reuse4": ["pair.clean.max_reuse=4"],
-    "soft_top3": ["pair.clean.soft=true", "pair.topk=3"],
+    "max_reuse4": [*OFF, "pair.clean.max_reuse=4"],
+    "soft_top3": [*OFF, "pair.clean.soft=true", "pair.topk=3"],
 }
 ONLY_ROUTED = ["~pipeline.routes.fixed", "~pipeline.routes.routed_l0", "pipeline.oracle=false"]
 
