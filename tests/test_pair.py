@@ -25,8 +25,10 @@ from lightning_modules.pair_plan import (
 from lightning_modules.pair_stats import summarize
 from train import train
 
-# The shared small world has clap, not wavcaps, as its audio-text space.
-PAIR = ("stage=pair", "pair.routes.audio_text=clap", "pair.progress=false")
+# The shared small world has clap, not wavcaps, as its audio-text space. The stage tests check
+# each cleaning rule alone, so the provenance rule (on by default) is off unless a test sets it.
+PAIR = ("stage=pair", "pair.routes.audio_text=clap", "pair.progress=false",
+        "pair.clean.provenance=false")  # fmt: skip
 
 
 # ---------------------------------------------------------------------------- plan and tuples
