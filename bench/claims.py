@@ -1,6 +1,7 @@
 """The paper's claims measured with 95% confidence intervals over world and training seeds.
 
-    python bench/claims.py [--world-seeds 0 1 2] [--train-seeds 0 1 2] [--quick] [-- overrides]
+    python bench/claims.py [--world-seeds 0 1 2] [--train-seeds 0 1 2] [--quick] [--finished]
+                           [-- overrides]
 
 Runs the main job (`python train.py`: pair -> bind -> route x3 -> evaluate) once per (world seed,
 training seed) pair, as `data.seed=W seed=T`, each into its own directory under
@@ -8,6 +9,7 @@ bench/claims_results/runs/<tag>/ (the worlds' caches are shared by a world's tra
 pair whose results.json exists is skipped, so an interrupted sweep resumes. `--quick` is 2 x 2
 seeds on the small test world (tests/conftest.py SMALL_WORLD); overrides after `--` go to every
 run, and a hash of them names the runs' folder so that runs with other settings never mix.
+`--finished` runs nothing: it reports the grid's finished runs and names the missing ones.
 
 From each run's results.json it reads every direction's R@1 per method, the mean over all
 directions (12) and over those that involve text (6). For each method it reports mean +- the 95%
@@ -205,6 +207,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--world-seeds", type=int, nargs="+", default=None)
     ap.add_argument("--train-seeds", type=int, nargs="+", default=None)
     ap.add_argument("--quick", action="store_true", help="2 x 2 seeds on the small test world")
+    ap.add_argument("--finished", action="store_true", help="report finished runs only")
     args = ap.parse_args(argv[: argv.index("--")] if "--" in argv else argv)
     default = [0, 1] if args.quick else [0, 1, 2]
     worlds, trains = args.world_seeds or default, args.train_seeds or default
@@ -213,9 +216,13 @@ def main(argv: list[str] | None = None) -> None:
     if extra:  # other settings, other runs: never resume a run made with different overrides
         tag += "-" + hashlib.sha256("\n".join(extra).encode()).hexdigest()[:8]
     runs = OUT / "runs" / tag
-    per_run = []
+    per_run, missing = [], []
     for w in worlds:
         for t in trains:
+            done = runs / f"world{w}_train{t}" / "runs" / "pipeline-base" / "results.json"
+            if args.finished and not done.is_file():
+                missing.append(f"world {w} train {t}")
+                continue
             path, made = run_pipeline(runs, w, t, overrides)
             per_run.append({"world": w, "train": t, "commit": made,
                             "scores": scores(json.loads(path.read_text()))})  # fmt: skip
@@ -228,6 +235,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     commits = sorted({r["commit"] for r in per_run})
     header += f" Code: {', '.join(commits)}."
+    if missing:
+        header += f" Not run: {', '.join(missing)}."
     if len(commits) > 1:  # resumed across code changes: the runs may not be comparable
         header += " **Warning: the runs were made by different code; delete runs/ to redo.**"
     text = markdown(summary, header)
