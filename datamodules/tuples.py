@@ -7,12 +7,16 @@ A table is an `.npz` with one row per tuple:
     provenance      int8 index into PROVENANCES: the text's provenance, -1 if unknown or no text
     conf_<modality> optional float32 in [0, 1]: confidence of the tuple's item of that modality
                     (1 for the start item, 0 where missing); absent means all ones
-    meta            a JSON string: the pool dataset name and where the tuples came from
+    meta            a JSON string: the pool dataset name and where the tuples came from; a pair
+                    stage table also records its plan: `paths` {start: {target: [start, ...,
+                    target]}} and `routes` {<m>_<m>: space}, i.e. which space retrieved each hop
+                    (the same for every tuple of a start; `link_retrievers` reads it)
 """
 
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import os
 from collections.abc import Mapping
@@ -21,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from datamodules.artifacts import CacheError, atomic_write
-from encoders.modalities import MODALITIES, PROVENANCES
+from encoders.modalities import MODALITIES, PAIRS, PROVENANCES
 
 REQUIRED = ("start", "provenance")
 COLUMNS = (*MODALITIES, *REQUIRED)  # every column a table may hold besides conf_<m> and meta
@@ -133,3 +137,43 @@ def weights_of(table: Mapping[str, np.ndarray], m: str) -> np.ndarray:
     conf = table.get(f"conf_{m}")
     conf = np.ones(len(present), np.float32) if conf is None else np.asarray(conf, np.float32)
     return np.where(present, conf, np.float32(0))
+
+
+def link_retrievers(path: str | os.PathLike, meta: Mapping) -> dict[str, dict[str, list[str]]]:
+    """{start: {"<a>_<b>": [space, ...]}}: the spaces that retrieved the link between a and b.
+
+    A tuple's items form a tree rooted at its start item, one hop per edge (the pair stage's plan
+    in `meta`: `paths` and `routes`). The link between two items is the tree path between them,
+    and each hop on it was retrieved by the space `routes` names for that pair of modalities.
+    """
+    paths, routes = meta.get("paths"), meta.get("routes")
+    if not paths or not routes:
+        raise CacheError(
+            f"{path}: the tuple table records no retrieval plan (meta paths and routes), so the "
+            "space behind each hop is unknown; it was not made by the pair stage (oracle tuples "
+            "have no retrievers). Use route.align=all, or pseudo tuples (python train.py "
+            "stage=pair)"
+        )
+    out: dict[str, dict[str, list[str]]] = {}
+    for start, targets in paths.items():
+        hops: dict[str, tuple[str, str]] = {}  # item -> (its parent, the space that retrieved it)
+        for chain in targets.values():
+            for x, y in itertools.pairwise(chain):
+                a, b = sorted((x, y), key=MODALITIES.index)
+                hops[y] = (x, routes[f"{a}_{b}"])
+
+        def up(m: str) -> set[str]:
+            """The items between m and the start item (m included, the start not)."""
+            seen = set()
+            while m != start:
+                seen.add(m)
+                m = hops[m][0]
+            return seen
+
+        present = {start, *hops}
+        out[start] = {
+            f"{a}_{b}": sorted({hops[m][1] for m in up(a) ^ up(b)})
+            for a, b in PAIRS
+            if a in present and b in present
+        }
+    return out

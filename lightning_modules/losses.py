@@ -115,18 +115,37 @@ def alignment_loss(
         embeddings = {m: gather_rows(embeddings[m]) for m in names}
         if weights is not None:
             weights = {m: gather_rows(weights[m].detach()) for m in names}
+    terms = {(a, b): (embeddings[a], embeddings[b]) for a, b in pairs}
+    return pair_alignment_loss(terms, temperature, weights)
+
+
+def pair_alignment_loss(
+    terms: Mapping[tuple[str, str], tuple[torch.Tensor, torch.Tensor]],
+    temperature: float = 0.03,
+    weights: Mapping[str, torch.Tensor] | None = None,
+    gather: bool = False,
+) -> torch.Tensor:
+    """L_align from each pair's own embeddings: the mean of InfoNCE(e_a, e_b) over the pairs.
+
+    terms: {(a, b): (e_a (B, dim), e_b (B, dim))}, L2-normalised; a modality may be embedded
+    differently for each pair it is in (leave-retriever-out alignment). weights as in
+    `alignment_loss`; a pair whose weights sum to 0 over the batch is left out of the mean.
+    """
+    if gather:
+        terms = {p: (gather_rows(ea), gather_rows(eb)) for p, (ea, eb) in terms.items()}
+        if weights is not None:
+            weights = {m: gather_rows(w.detach()) for m, w in weights.items()}
     if weights is None:
-        terms = [info_nce(embeddings[a], embeddings[b], temperature) for a, b in pairs]
-        return torch.stack(terms).mean()
-    pair_w = [weights[a].float() * weights[b].float() for a, b in pairs]
-    terms = [
-        info_nce(embeddings[a], embeddings[b], temperature, w)
-        for (a, b), w in zip(pairs, pair_w, strict=True)
-        if bool((w > 0).any())
-    ]
-    if not terms:
-        return _zero_like_graph(*embeddings.values())
-    return torch.stack(terms).mean()
+        losses = [info_nce(ea, eb, temperature) for ea, eb in terms.values()]
+        return torch.stack(losses).mean()
+    losses = []
+    for (a, b), (ea, eb) in terms.items():
+        w = weights[a].float() * weights[b].float()
+        if bool((w > 0).any()):
+            losses.append(info_nce(ea, eb, temperature, w))
+    if not losses:
+        return _zero_like_graph(*(e for pair in terms.values() for e in pair))
+    return torch.stack(losses).mean()
 
 
 def decoupling_loss(router_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

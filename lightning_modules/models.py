@@ -61,7 +61,9 @@ class Router(nn.Module):
     """Linear(in, 512), BN, ReLU, Linear(512, 100), BN, Tanh, Linear(100, G).
 
     It returns logits; OmniModel applies the sigmoid (and L_dec takes the logits, which keeps the
-    BCE safe under autocast).
+    BCE safe under autocast). The last layer starts at zero, so an untrained router gives every
+    group the same weight: routing starts from uniform averaging, the baseline it must beat
+    (the release initialises it Xavier-uniform too, which starts from random weights).
     """
 
     def __init__(self, in_dim: int, n_groups: int, hidden: tuple[int, int] = (512, 100)) -> None:
@@ -76,6 +78,7 @@ class Router(nn.Module):
             if isinstance(layer, nn.Linear):
                 nn.init.xavier_uniform_(layer.weight)
                 nn.init.zeros_(layer.bias)
+        nn.init.zeros_(self.router[-1].weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (batch, in_dim) -> logits (batch, n_groups)."""

@@ -48,6 +48,19 @@ def specialty_labels(provenance: torch.Tensor, specialties: list[str]) -> torch.
     return (provenance[:, None] == spec[None, :]).float()
 
 
+def combine(groups: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """normalize(sum_g w_g * P_g): groups (batch, G, dim), weights (batch, G) -> (batch, dim)."""
+    return F.normalize((groups * weights.unsqueeze(-1)).sum(1), dim=-1)
+
+
+def leave_out(weights: torch.Tensor, drop: torch.Tensor) -> torch.Tensor:
+    """Weights (batch, G) without the groups `drop` (batch, G) marks, renormalised over the
+    rest; a row that would lose every group keeps its weights."""
+    kept = weights * ~drop
+    total = kept.sum(1, keepdim=True)
+    return torch.where(total > 0, kept / total.clamp_min(torch.finfo(kept.dtype).tiny), weights)
+
+
 class RouterOutput(NamedTuple):
     """What `OmniModel.forward(..., with_router=True)` returns beside the embeddings."""
 
@@ -172,7 +185,7 @@ class OmniModel(nn.Module):
                 scale = self.meta["scales"][m]
                 weights = torch.softmax(scale * torch.sigmoid(out.logits[m]), -1)
             out.weights[m] = weights
-            out.embeddings[m] = F.normalize((groups * weights.unsqueeze(-1)).sum(1), dim=-1)
+            out.embeddings[m] = combine(groups, weights)
         return out if with_router else out.embeddings
 
     @torch.no_grad()

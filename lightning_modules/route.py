@@ -21,6 +21,7 @@ from torchmetrics import MeanMetric
 
 from datamodules.artifacts import file_sha256
 from datamodules.cache import CacheError, CacheWriter, EmbeddingCache, cache_dir, read_manifest
+from datamodules.tuples import link_retrievers, load_tuples
 from encoders.modalities import MODALITIES, PAIRS, PROVENANCES
 from lightning_modules import lineage
 from lightning_modules.bind import EXPORT_WEIGHTS, load_bound_space
@@ -32,14 +33,28 @@ from lightning_modules.config import (
     tuples_record,
     validation_record,
 )
-from lightning_modules.losses import alignment_loss, decoupling_loss, info_nce
+from lightning_modules.losses import (
+    alignment_loss,
+    decoupling_loss,
+    info_nce,
+    pair_alignment_loss,
+)
 from lightning_modules.metrics import compute_directions, direction_metrics
-from lightning_modules.omni import OmniModel, RouterOutput, specialty_labels
+from lightning_modules.omni import (
+    OmniModel,
+    RouterOutput,
+    combine,
+    leave_out,
+    specialty_labels,
+)
 from lightning_modules.training import fit_best
 
 matplotlib.use("Agg")
 log = logging.getLogger(__name__)
 PROJECTED = "@omni"  # suffix of a projected cache's space name
+# route.align: `all` is the paper's L_align; `leave_retriever_out` computes each pair term of a
+# tuple without the groups of the spaces that retrieved that link (pseudo tuples reward them).
+ALIGN_MODES = ("all", "leave_retriever_out")
 
 
 def variant_layout(cfg: DictConfig) -> dict:
@@ -134,6 +149,23 @@ def ensure_projected(
         writer.close(dataset=dataset, source=str(src))
 
 
+def leave_out_masks(
+    links: dict[str, dict[str, list[str]]], groups: dict[str, list[str]]
+) -> dict[tuple[str, str], torch.Tensor]:
+    """{(a, b): (starts, groups of a + groups of b) bool}: per start modality, the groups of the
+    spaces that retrieved the link between a and b (links: datamodules.tuples.link_retrievers)."""
+    masks = {}
+    for a, b in PAIRS:
+        if a not in groups or b not in groups:
+            continue
+        mask = torch.zeros(len(MODALITIES), len(groups[a]) + len(groups[b]), dtype=torch.bool)
+        for s, start in enumerate(MODALITIES):
+            spaces = set(links.get(start, {}).get(f"{a}_{b}", []))
+            mask[s] = torch.tensor([g in spaces for g in [*groups[a], *groups[b]]])
+        masks[(a, b)] = mask
+    return masks
+
+
 class RouteModule(L.LightningModule):
     """Trains the routers of an OmniModel over its frozen projectors: L_align + lambda * L_dec.
 
@@ -152,31 +184,83 @@ class RouteModule(L.LightningModule):
         fixed_lr: float = 1e-2,
         weight_decay: float = 0.0,
         gather: bool = True,
+        train: list[str] | None = None,
+        align_mode: str = "all",
+        links: dict | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.model = OmniModel(meta, kind)
         groups = meta["groups"]
+        trained = list(groups) if train is None else list(train)
+        unknown = sorted(set(trained) - set(groups))
+        if unknown or not trained:
+            raise ValueError(
+                f"route.train={trained}: expected a non-empty list of the routed modalities "
+                f"{list(groups)} (null: all)"
+            )
+        for m in set(groups) - set(trained):  # held at their start: uniform weights
+            self.model.routers[m].requires_grad_(False)
+        if align_mode not in ALIGN_MODES:
+            raise ValueError(f"route.align is {align_mode!r}; expected one of {ALIGN_MODES}")
+        if align_mode == "leave_retriever_out":
+            if not links:
+                raise ValueError("route.align=leave_retriever_out needs the tuples' `links`")
+            masks = leave_out_masks(links, groups)
+            self.leave_out_pairs = list(masks)
+            for i, mask in enumerate(masks.values()):  # buffers: they follow the module's device
+                self.register_buffer(f"_leave_out_{i}", mask, persistent=False)
         self.val_pairs = [(a, b) for a, b in PAIRS if a in groups and b in groups]
         self.recall = direction_metrics(self.val_pairs)
         self.val_loss = MeanMetric()
         self._weights: dict[str, list[torch.Tensor]] = {}
 
-    def forward(self, emb: dict) -> RouterOutput:
-        """A batch's omni embeddings, weights and router logits for every modality it carries."""
+    def projections(self, emb: dict) -> dict[str, torch.Tensor]:
+        """The groups' projections {modality: (batch, groups, omni_dim)} a batch carries."""
         meta = self.model.meta
         projected = {}
         for m, groups in meta["groups"].items():
             keys = [g if g == meta["anchor"] else g + PROJECTED for g in groups]
             if all(m in emb.get(k, {}) for k in keys):
                 projected[m] = torch.stack([emb[k][m] for k in keys], 1)
+        return projected
+
+    def forward(self, emb: dict, projected: dict | None = None) -> RouterOutput:
+        """A batch's omni embeddings, weights and router logits for every modality it carries."""
+        projected = self.projections(emb) if projected is None else projected
         return self.model(emb, projected=projected, with_router=True)
+
+    def alignment(self, out: RouterOutput, projected: dict, batch: dict) -> torch.Tensor:
+        """L_align (Eq. 5), or with each link's retrievers left out of its pair term."""
+        hp = self.hparams
+        weights = batch.get("weight")  # 0 where a tuple has no item of a modality
+        if hp.align_mode == "all":
+            return alignment_loss(out.embeddings, hp.temperature, weights, hp.gather)
+        names = sorted(out.embeddings)
+        terms = {}
+        for i, a in enumerate(names):
+            for b in names[i + 1 :]:
+                pair = tuple(sorted((a, b), key=MODALITIES.index))
+                masks = self._leave_out_mask(pair, batch["start"])
+                terms[(a, b)] = tuple(
+                    combine(projected[m], leave_out(out.weights[m], masks[m])) for m in (a, b)
+                )
+        return pair_alignment_loss(terms, hp.temperature, weights, hp.gather)
+
+    def _leave_out_mask(self, pair: tuple[str, str], start: torch.Tensor) -> dict:
+        """{modality: (batch, groups) bool}: the groups to leave out of each row's pair term."""
+        index = self.leave_out_pairs.index(pair)
+        mask = getattr(self, f"_leave_out_{index}")  # (starts, groups of a + groups of b)
+        n = len(self.model.meta["groups"][pair[0]])
+        rows = mask[start]
+        return {pair[0]: rows[:, :n], pair[1]: rows[:, n:]}
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         hp, meta = self.hparams, self.model.meta
-        out = self(batch["emb"])
-        weights = batch.get("weight")  # 0 where a tuple has no item of a modality
-        loss = hp.align * alignment_loss(out.embeddings, hp.temperature, weights, hp.gather)
+        projected = self.projections(batch["emb"])
+        out = self(batch["emb"], projected)
+        weights = batch.get("weight")
+        loss = hp.align * self.alignment(out, projected, batch)
         self.log("train/loss_align", loss, on_step=False, on_epoch=True)
         # L_dec labels the routers' input-dependent choice: fixed weights have none to decouple.
         # Only texts with a known provenance (and present in the tuple) have labels.
@@ -222,9 +306,8 @@ class RouteModule(L.LightningModule):
     def configure_optimizers(self):
         hp = self.hparams
         lr = hp.lr if hp.kind == "routed" else hp.fixed_lr  # fixed: a few constants, larger steps
-        return torch.optim.Adam(
-            self.model.routers.parameters(), lr=lr, weight_decay=hp.weight_decay
-        )
+        params = [p for p in self.model.routers.parameters() if p.requires_grad]
+        return torch.optim.Adam(params, lr=lr, weight_decay=hp.weight_decay)
 
 
 def weight_heatmap(
@@ -309,11 +392,16 @@ def run(cfg: DictConfig) -> float:
             if space.get("encoder") is not None
         },
     )
+    links = None
+    if cfg.route.align == "leave_retriever_out":
+        links = link_retrievers(tuples, load_tuples(tuples)[1])
     # meta holds plain records (its encoder configs are data here, not objects to build).
-    model: RouteModule = hydra.utils.instantiate(cfg.model.route, meta=meta, _recursive_=False)
+    model: RouteModule = hydra.utils.instantiate(
+        cfg.model.route, meta=meta, links=links, _recursive_=False
+    )
     for name, (mixture, _) in bound.items():
         model.model.projectors[name].load_state_dict(mixture.state_dict())
-    trainer, best, score = fit_best(cfg, model, datamodule, cfg.route.epochs)
+    trainer, best, score = fit_best(cfg, model, datamodule, cfg.route.epochs, start_competes=True)
     if trainer.is_global_zero:
         omni = best.model
         omni.meta = {**omni.meta, "best_val_mean_R1": score, **validation_record(datamodule)}

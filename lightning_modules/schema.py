@@ -153,6 +153,8 @@ class Route:
     lr: Float
     fixed_lr: Float
     weight_decay: Float
+    train: list[Modality] | None
+    align: Literal["all", "leave_retriever_out"]
     bound_dir: Str
     export_dir: Str
 

@@ -137,6 +137,46 @@ class StepLogCadence(L.Callback):
         trainer.log_every_n_steps = max(1, min(trainer.log_every_n_steps, batches))
 
 
+class StartCompetes(L.Callback):
+    """Validates the model before its first step, so that the untrained start competes.
+
+    Lightning validates only after training steps, so checkpoint selection never sees the start
+    (for a router, uniform averaging: the baseline it must beat). This runs the fit's own
+    validation loop once in on_train_start, where loggers and early stopping (checked on
+    validation end) see it like any other validation, and keeps the start's trainable weights.
+    ModelCheckpoint saves nothing before a step, so `fit_best` exports the start when no later
+    validation beat it. The score and weights are callback state: a resumed run keeps them.
+    """
+
+    def __init__(self, monitor: str = "val/mean_R@1") -> None:
+        self.monitor = monitor
+        self.score: float | None = None
+        self.weights: dict[str, torch.Tensor] = {}
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.global_step > 0 or self.score is not None:  # resumed: the start was validated
+            return
+        frozen = {n for n, p in pl_module.named_parameters() if not p.requires_grad}
+        self.weights = {k: v.detach().cpu().clone() for k, v in pl_module.state_dict().items()
+                        if k not in frozen}  # fmt: skip
+        trainer.validating = True  # as Lightning's training loop does around its validations
+        trainer.fit_loop.epoch_loop.val_loop.run()
+        trainer.training = True
+        self.score = float(trainer.callback_metrics[self.monitor])
+        log.info("the start validates at %s %.4f", self.monitor, self.score)
+
+    def restore(self, pl_module: L.LightningModule) -> L.LightningModule:
+        """`pl_module` with the start's weights."""
+        pl_module.load_state_dict({**pl_module.state_dict(), **self.weights}, strict=True)
+        return pl_module
+
+    def state_dict(self) -> dict:
+        return {"score": self.score, "weights": self.weights}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.score, self.weights = state_dict["score"], state_dict["weights"]
+
+
 def make_callbacks(cfg: DictConfig, logger) -> list[L.Callback]:
     """The `callbacks` group, instantiated; a callback set to null is off.
 
@@ -212,26 +252,35 @@ def load_checkpoint(cls: type[L.LightningModule], path: str | Path) -> L.Lightni
 
 
 def fit_best(
-    cfg: DictConfig, model: L.LightningModule, datamodule: L.LightningDataModule, epochs: int
+    cfg: DictConfig,
+    model: L.LightningModule,
+    datamodule: L.LightningDataModule,
+    epochs: int,
+    start_competes: bool = False,
 ) -> tuple[L.Trainer, L.LightningModule, float]:
     """Fit with the configured callbacks (resuming when asked); reload the best checkpoint.
 
     Returns the trainer, the best model (the ModelCheckpoint callback's best, else the last
-    weights) and its monitored score (val/mean_R@1).
+    weights) and its monitored score (val/mean_R@1). start_competes: the model before its first
+    step is validated too, and returned when no checkpoint validated above it (`StartCompetes`).
     """
     resume = resume_checkpoint(cfg, model)  # checked before the logger reconnects a run
     logger = make_logger(cfg)
-    trainer = make_trainer(cfg, epochs, make_callbacks(cfg, logger), logger=logger)
+    callbacks = make_callbacks(cfg, logger)
+    start = StartCompetes() if start_competes else None
+    trainer = make_trainer(cfg, epochs, [*callbacks, *([start] if start else [])], logger=logger)
     trainer.fit(model, datamodule, ckpt_path=resume)
     ckpt = best_checkpoint(trainer)
     if ckpt is not None and ckpt.best_model_path:
-        return (
-            trainer,
-            load_checkpoint(type(model), ckpt.best_model_path),
-            float(ckpt.best_model_score),
-        )
-    score = trainer.callback_metrics.get("val/mean_R@1")
-    return trainer, model, float(score) if score is not None else 0.0
+        best, score = load_checkpoint(type(model), ckpt.best_model_path), ckpt.best_model_score
+    else:
+        best, score = model, trainer.callback_metrics.get("val/mean_R@1")
+    score = float(score) if score is not None else 0.0
+    if start is not None and start.score is not None and start.score >= score:
+        log.info("no epoch validated above the start (%.4f >= %.4f): the start is kept",
+                 start.score, score)  # fmt: skip
+        return trainer, start.restore(model), start.score
+    return trainer, best, score
 
 
 def _last_checkpoint(cfg: DictConfig) -> Path | None:
