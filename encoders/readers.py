@@ -4,7 +4,10 @@ Each raises on anything unreadable (RawDataError names what is wrong; callers ad
 
 image   load_image     any format Pillow decodes, as RGB
 audio   load_audio     any format soundfile reads, mono, resampled (scipy) and fitted
-point   load_points    .npy (n, 3 | 6) or .ply vertices (plyfile), normalised and sampled
+point   load_points    .ply vertices (plyfile), a .npy array (n, 3 | 6) or the release's .npy
+                       dict ('xyz', 'rgb'; unpickled numpy-only), .npz 'xyz' + 'rgb' or one
+                       array; checked, normalised and sampled by prepare_points, whose errors
+                       name the file themselves (Encoder.encode reads files directly)
 video   load_frames    a frame folder, a (T, H, W, 3) .npy, or a video file (PyAV)
         load_audio_track   its audio: a sidecar audio file of the same stem, or a video file's
                            audio stream (PyAV); None when the clip has neither
@@ -12,7 +15,10 @@ video   load_frames    a frame folder, a (T, H, W, 3) .npy, or a video file (PyA
 
 from __future__ import annotations
 
+import logging
 import math
+import pickle
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,11 +31,16 @@ from encoders.video import frame_indices
 EXTENSIONS = {
     "image": (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"),
     "audio": (".wav", ".flac", ".ogg", ".mp3", ".aiff", ".aif"),
-    "point": (".npy", ".ply"),
+    "point": (".npy", ".npz", ".ply"),
 }
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".npy")
 DEFAULT_RGB = 0.4  # colour of uncoloured point clouds (Uni3D's convention)
+MISSING_RGB = ("default", "raise")  # an uncoloured cloud: give it DEFAULT_RGB, or refuse it
+SAFE_NUMPY = ("_reconstruct", "scalar")  # numpy.core.multiarray names a pickled array needs
 FRAME_SIZE_POLICIES = ("resize", "raise")
+
+log = logging.getLogger(__name__)
+_UNCOLOURED: list[str] = []  # the first cloud given the default colour (it is logged once)
 
 
 class RawDataError(ValueError):
@@ -107,41 +118,184 @@ def read_ply(path: str) -> np.ndarray:
     return np.concatenate([xyz, np.stack([vertex[c].astype(np.float64) for c in rgb_names], 1)], 1)
 
 
-def load_points(
-    path: str, num_points: int | None = None, seed: int = 0, normalize: bool = True
-) -> np.ndarray:
-    """A point cloud (num_points, 6): xyz (centred, in the unit sphere) and rgb in [0, 1].
+def _numpy_global(module: str, name: str) -> Any:
+    """The numpy callables an np.save'd dict of arrays needs to unpickle, and nothing else."""
+    if (module, name) in (("numpy", "ndarray"), ("numpy", "dtype")):
+        return getattr(np, name)
+    if module in ("numpy.core.multiarray", "numpy._core.multiarray") and name in SAFE_NUMPY:
+        try:
+            from numpy._core import multiarray
+        except ImportError:  # numpy < 1.26
+            from numpy.core import multiarray
+        return getattr(multiarray, name)
+    raise RawDataError(f"refuses to unpickle {module}.{name} (only numpy arrays are read)")
 
-    .npy holds (n, 3) xyz or (n, 6) xyz + rgb (0..1 or 0..255); .ply vertices likewise. Points
-    are drawn with a generator seeded by `seed`, without replacement when there are enough.
+
+class _ArrayUnpickler(pickle.Unpickler):
+    """Unpickles numpy arrays, dicts, lists and scalars; any other class or function is refused
+    (np.load(allow_pickle=True) would run whatever the file names)."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        return _numpy_global(module, name)
+
+
+def _xyz_rgb(mapping: Any, keys: list[str]) -> np.ndarray:
+    """(n, 3 | 6) points from a mapping's `xyz` and optional `rgb` entries."""
+    if "xyz" not in keys:
+        raise RawDataError(f"holds {sorted(keys)}, not the point cloud's 'xyz' (and 'rgb')")
+    xyz = np.asarray(mapping["xyz"])
+    if "rgb" not in keys:
+        return xyz
+    rgb = np.asarray(mapping["rgb"])
+    if xyz.ndim != 2 or xyz.shape[1] != 3 or rgb.shape != xyz.shape:
+        raise RawDataError(f"'xyz' has shape {xyz.shape} and 'rgb' {rgb.shape}; expected (n, 3)")
+    return np.concatenate([xyz, rgb], 1)
+
+
+def read_npy(path: str) -> np.ndarray:
+    """A plain (n, 3 | 6) array, or the release's np.save'd dict (Uni3D's and OpenShape's .npy:
+    keys 'xyz' (n, 3) and optionally 'rgb' (n, 3); other keys, such as features, are ignored)."""
+    with open(path, "rb") as f:
+        try:
+            version = np.lib.format.read_magic(f)
+            header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                      else np.lib.format.read_array_header_2_0)  # fmt: skip
+            shape, _, dtype = header(f)
+        except ValueError as e:
+            raise RawDataError(f"not a .npy file ({e})") from e
+        try:
+            if not dtype.hasobject:
+                f.seek(0)
+                return np.lib.format.read_array(f, allow_pickle=False)
+            obj = _ArrayUnpickler(f).load()
+        except RawDataError:
+            raise
+        except Exception as e:  # noqa: BLE001 - a truncated array or corrupt pickle, many types
+            raise RawDataError(f"unreadable .npy ({type(e).__name__}: {e})") from e
+    obj = obj.item() if isinstance(obj, np.ndarray) and obj.shape == () else obj
+    if not isinstance(obj, dict):
+        raise RawDataError(f"holds an object array of shape {shape}, not a dict with 'xyz'")
+    return _xyz_rgb(obj, list(obj))
+
+
+def read_npz(path: str) -> np.ndarray:
+    """Arrays 'xyz' (n, 3) and optionally 'rgb' (n, 3), or the archive's one array (n, 3 | 6)."""
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            keys = list(archive.files)
+            if "xyz" not in keys and len(keys) == 1:
+                return archive[keys[0]]
+            return _xyz_rgb(archive, keys)
+    except RawDataError:
+        raise
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
+        raise RawDataError(f"not a readable .npz archive ({type(e).__name__}: {e})") from e
+
+
+def read_points(path: str) -> np.ndarray:
+    """The raw points of a .ply, .npy or .npz file: (n, 3) xyz or (n, 6) xyz + rgb."""
+    suffix = Path(path).suffix.lower()
+    readers = {".ply": read_ply, ".npy": read_npy, ".npz": read_npz}
+    if suffix not in readers:
+        raise RawDataError(f"not a point cloud file (expected one of {list(readers)})")
+    return readers[suffix](path)
+
+
+def _note_default_rgb(name: str) -> None:
+    """Log, once per process, that uncoloured clouds get DEFAULT_RGB (naming the first)."""
+    if _UNCOLOURED:
+        return
+    _UNCOLOURED.append(name)
+    log.info(
+        "point clouds without colour (the first: %s) get the default rgb %.1f, Uni3D's convention "
+        "(encoder.missing_rgb=raise refuses them); logged once per process",
+        name,
+        DEFAULT_RGB,
+    )
+
+
+def prepare_points(
+    pts: Any,
+    name: str,
+    num_points: int | None = None,
+    seed: int = 0,
+    normalize: bool = True,
+    min_points: int = 1,
+    missing_rgb: str = "default",
+) -> np.ndarray:
+    """Raw points (n, 3 | 6) -> (num_points, 6) float32: xyz centred in the unit sphere, rgb in
+    [0, 1]; errors name `name` (the file).
+
+    rgb above 1 is read as 0..255. A cloud without rgb gets DEFAULT_RGB (`missing_rgb: default`,
+    logged once) or is refused (`raise`). Fewer than `min_points` points (what the encoder's
+    grouping needs) are refused; at least that many are sampled to `num_points` with a generator
+    seeded by `seed`: a subset without replacement when there are more, every point plus random
+    repeats when there are fewer, and the cloud as it is when it has exactly that many (FPS starts
+    at point 0, so the release's 10,000-point files embed as stored).
     """
-    if path.lower().endswith(".ply"):
-        pts = read_ply(path)
-    else:
-        pts = np.load(path, allow_pickle=False)
-    pts = np.asarray(pts, dtype=np.float64)
+    if missing_rgb not in MISSING_RGB:
+        raise ValueError(f"missing_rgb is {missing_rgb!r}; expected one of {MISSING_RGB}")
+    try:
+        pts = np.asarray(pts, dtype=np.float64)
+    except (TypeError, ValueError) as e:
+        raise RawDataError(f"{name}: point cloud is not numeric ({e})") from e
     if pts.ndim != 2 or pts.shape[1] not in (3, 6):
-        raise RawDataError(f"point cloud has shape {pts.shape}, expected (n, 3) or (n, 6)")
+        raise RawDataError(f"{name}: point cloud has shape {pts.shape}, expected (n, 3) or (n, 6)")
     if len(pts) == 0:
-        raise RawDataError("point cloud has no points")
+        raise RawDataError(f"{name}: point cloud has no points")
     if not np.isfinite(pts).all():
-        raise RawDataError("point cloud holds NaN or inf")
+        raise RawDataError(f"{name}: point cloud holds NaN or inf")
+    if len(pts) < min_points:
+        raise RawDataError(
+            f"{name}: point cloud has {len(pts)} points, fewer than the {min_points} the encoder "
+            "needs to group it into patches (from that many on, points are repeated to fill)"
+        )
     xyz = pts[:, :3]
     if pts.shape[1] == 6:
         rgb = pts[:, 3:] / (255.0 if pts[:, 3:].max() > 1.0 else 1.0)
+    elif missing_rgb == "raise":
+        raise RawDataError(
+            f"{name}: point cloud has no colour (xyz only) and encoder.missing_rgb=raise; set "
+            f"encoder.missing_rgb=default to colour it {DEFAULT_RGB} (Uni3D's convention)"
+        )
     else:
+        _note_default_rgb(name)
         rgb = np.full_like(xyz, DEFAULT_RGB)
     if normalize:
         xyz = xyz - xyz.mean(0)
         scale = np.linalg.norm(xyz, axis=1).max()
         if scale == 0:
-            raise RawDataError("point cloud is a single point (cannot normalise its scale)")
+            raise RawDataError(
+                f"{name}: point cloud is a single point (cannot normalise its scale)"
+            )
         xyz = xyz / scale
     out = np.concatenate([xyz, rgb], 1).astype(np.float32)
-    if num_points:
+    n = len(out)
+    if num_points and n != num_points:
         rng = np.random.default_rng(seed)
-        out = out[rng.choice(len(out), int(num_points), replace=len(out) < num_points)]
+        if n > num_points:
+            index = rng.choice(n, int(num_points), replace=False)
+        else:
+            index = np.concatenate([np.arange(n), rng.choice(n, int(num_points) - n)])
+        out = out[index]
     return out
+
+
+def load_points(
+    path: str,
+    num_points: int | None = None,
+    seed: int = 0,
+    normalize: bool = True,
+    min_points: int = 1,
+    missing_rgb: str = "default",
+) -> np.ndarray:
+    """A point cloud file (.ply, .npy or .npz; see read_points) as prepare_points makes it:
+    (num_points, 6) xyz in the unit sphere and rgb in [0, 1]. Errors name the file."""
+    try:
+        pts = read_points(path)
+    except RawDataError as e:
+        raise RawDataError(f"{path}: {e}") from e
+    return prepare_points(pts, path, num_points, seed, normalize, min_points, missing_rgb)
 
 
 def _decode_video(path: Path) -> list:
@@ -265,7 +419,7 @@ class LoadSettings:
 
     clip: str = "start"  # audio longer than the encoder's window: keep its start or its centre
     pad: str = "repeat"  # audio shorter: repeat it (laion_clap's default) or pad with zeros
-    num_points: int | None = 10000
+    num_points: int | None = 10000  # points per cloud (None: all); an encoder's own count wins
     normalize_points: bool = True
     frame_size: str = "resize"  # a video frame of another size: resize it, or raise
     frames: int = 8  # video frames per clip when a caller gives none (the extract stage does)
@@ -279,8 +433,10 @@ def load_raw(
     """One raw item -> what `processor.item` takes: a path is read, anything else is passed on.
 
     image: a path or a PIL image; audio: a path, or a mono waveform array at the processor's
-    sample rate; point: a .npy/.ply path or an (n, 3 | 6) array (points are drawn with a seed
-    derived from `settings.seed` and `index`); text: the caption.
+    sample rate; point: a .ply/.npy/.npz path or an (n, 3 | 6) array, both prepared alike
+    (prepare_points; points are drawn with a seed derived from `settings.seed` and `index`, as
+    many as the processor's `num_points` or else `settings.num_points`, and the processor's
+    `min_points` and `missing_rgb` apply); text: the caption.
     """
     s = settings
     path = isinstance(item, (str, Path))
@@ -299,10 +455,12 @@ def load_raw(
             wave = fit_length(wave, int(processor.clip_samples), s.clip, s.pad)
         return wave
     if modality == "point":
-        seed = s.seed * 1_000_003 + index
+        # An encoder that batches clouds of one size (Uni3D's npoints) says how many it takes.
+        fit = dict(num_points=getattr(processor, "num_points", None) or s.num_points,
+                   seed=s.seed * 1_000_003 + index, normalize=s.normalize_points,
+                   min_points=getattr(processor, "min_points", 1),
+                   missing_rgb=getattr(processor, "missing_rgb", "default"))  # fmt: skip
         if path:
-            pts = load_points(str(item), s.num_points, seed=seed, normalize=s.normalize_points)
-        else:
-            pts = np.asarray(item, dtype=np.float32)
-        return torch.from_numpy(pts)
+            return torch.from_numpy(load_points(str(item), **fit))
+        return torch.from_numpy(prepare_points(item, f"point array {index}", **fit))
     raise ValueError(f"no reader for modality {modality!r}")

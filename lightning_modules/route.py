@@ -47,7 +47,7 @@ from lightning_modules.omni import (
     leave_out,
     specialty_labels,
 )
-from lightning_modules.training import fit_best
+from lightning_modules.training import StartCompetes, fit_best
 
 matplotlib.use("Agg")
 log = logging.getLogger(__name__)
@@ -404,7 +404,9 @@ def run(cfg: DictConfig) -> float:
     trainer, best, score = fit_best(cfg, model, datamodule, cfg.route.epochs, start_competes=True)
     if trainer.is_global_zero:
         omni = best.model
-        omni.meta = {**omni.meta, "best_val_mean_R1": score, **validation_record(datamodule)}
+        start = next(c for c in trainer.callbacks if isinstance(c, StartCompetes))
+        omni.meta = {**omni.meta, "best_val_mean_R1": score, "start_val_mean_R1": start.score,
+                     **validation_record(datamodule)}  # fmt: skip
         omni.save(cfg.route.export_dir)
         png = weight_heatmap(
             getattr(model, "mean_weights", {}), groups, Path(cfg.run_dir) / "router_weights.png"
