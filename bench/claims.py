@@ -39,8 +39,9 @@ from scipy import stats
 
 REPO = Path(__file__).resolve().parents[1]
 OUT = REPO / "bench" / "claims_results"
-METHODS = ("average", "fixed", "routed_l0", "routed", "routed_oracle")
-COMPARISONS = (("routed", "fixed"), ("fixed", "average"), ("routed", "routed_l0"))
+# The main job's omni methods in report order; any other route of pipeline.routes follows them.
+METHODS = ("average", "fixed", "routed_paper", "routed_l0", "routed", "routed_oracle")
+BASELINE = "average"  # every method is compared with it, within each run
 SUMMARIES = {"mean": "mean R@1 (all directions)", "text": "text R@1 (directions with text)"}
 
 
@@ -77,12 +78,32 @@ def run_pipeline(runs: Path, world: int, train: int, overrides: list[str]) -> tu
     return results, made
 
 
-def scores(results: dict) -> dict[str, dict[str, float]]:
-    """{method: {'mean'|'text'|'<q>_to_<t>': R@1 fraction}} for the METHODS a results.json has."""
+def method_order(names) -> list[str]:
+    """The omni methods among `names` (not raw:/bound: spaces): METHODS first, then the rest."""
+    omni = [n for n in names if ":" not in n]
+    return [m for m in METHODS if m in omni] + sorted(set(omni) - set(METHODS))
+
+
+def val_scores(results_path: Path) -> dict[str, float]:
+    """{method: val mean R@1} from each route export's record; `average` is the routes' shared
+    start (uniform weights over the same bound spaces), so val differences pair within a run."""
     out = {}
-    for method in METHODS:
-        entry = results.get("methods", {}).get(method)
-        if not entry or not entry.get("retrieval"):
+    for omni in sorted(results_path.parents[2].glob("omni/*/*/omni.json")):
+        meta = json.loads(omni.read_text())
+        if meta.get("best_val_mean_R1") is None:
+            continue
+        out[omni.parent.name] = float(meta["best_val_mean_R1"])
+        if omni.parent.name == "routed" and meta.get("start_val_mean_R1") is not None:
+            out[BASELINE] = float(meta["start_val_mean_R1"])
+    return out
+
+
+def scores(results: dict) -> dict[str, dict[str, float]]:
+    """{method: {'mean'|'text'|'<q>_to_<t>': R@1 fraction}} for the omni methods of results."""
+    out = {}
+    for method in method_order(results.get("methods", {})):
+        entry = results["methods"][method]
+        if not entry.get("retrieval"):
             continue
         r1 = {k[:-4]: v for k, v in entry["retrieval"].items() if k.endswith("/R@1")}
         text = [v for k, v in r1.items() if "text" in k.split("_to_")]
@@ -102,14 +123,31 @@ def interval(values: list[float]) -> dict:
     return {"n": n, "mean": mean, "half": half}
 
 
+def comparisons(methods: list[str]) -> list[tuple[str, str]]:
+    """Every method against the baseline, then routed against fixed and the paper's recipe."""
+    pairs = [(m, BASELINE) for m in methods if m != BASELINE and BASELINE in methods]
+    if "routed" in methods:
+        pairs += [("routed", b) for b in ("fixed", "routed_paper", "routed_l0") if b in methods]
+    return pairs
+
+
+def val_differences(runs: list[dict[str, float]]) -> dict[str, dict]:
+    """{method: interval of (its val mean R@1 - the baseline's)} paired within each run: what
+    chooses the default recipe (never the test sets)."""
+    names = method_order({m for run in runs for m in run} - {BASELINE})
+    return {m: interval([r[m] - r[BASELINE] for r in runs if m in r and BASELINE in r])
+            for m in names}  # fmt: skip
+
+
 def summarize(runs: list[dict[str, dict[str, float]]]) -> dict:
     """Per-method intervals of every metric over runs, and paired differences within each run."""
     metrics = sorted({k for run in runs for m in run.values() for k in m} - set(SUMMARIES))
     metrics = [*SUMMARIES, *metrics]
+    names = [*METHODS, *method_order({m for run in runs for m in run} - set(METHODS))]
     methods = {m: {k: interval([r[m][k] for r in runs if k in r.get(m, {})]) for k in metrics}
-               for m in METHODS}  # fmt: skip
+               for m in names}  # fmt: skip
     differences = {}
-    for a, b in COMPARISONS:
+    for a, b in comparisons(names):
         both = [r for r in runs if a in r and b in r]
         differences[f"{a} - {b}"] = {
             k: interval([r[a][k] - r[b][k] for r in both if k in r[a] and k in r[b]])
@@ -144,6 +182,12 @@ def markdown(summary: dict, header: str) -> str:
             verdict = "holds" if low > 0 else "reversed" if high < 0 else "within noise"
         row = [cell(ivs[k], "+") for k in SUMMARIES]
         lines.append(f"| {name} | " + " | ".join(row) + f" | {iv['n']} | {verdict} |")
+    if summary.get("val"):
+        lines += ["", f"Validation mean R@1, paired difference against `{BASELINE}` (points; the "
+                  "default recipe is chosen from these, never from the test sets):", "",
+                  "| method | val difference | n |", "|---|---|---|"]  # fmt: skip
+        for m, iv in summary["val"].items():
+            lines.append(f"| `{m}` | {cell(iv, '+')} | {iv['n']} |")
     lines += ["", "Per direction, R@1 (%):", "", "| direction | " + " | ".join(methods) + " |",
               "|---|" + "---|" * len(methods)]  # fmt: skip
     for k in metrics[len(SUMMARIES) :]:
@@ -224,9 +268,10 @@ def main(argv: list[str] | None = None) -> None:
                 missing.append(f"world {w} train {t}")
                 continue
             path, made = run_pipeline(runs, w, t, overrides)
-            per_run.append({"world": w, "train": t, "commit": made,
+            per_run.append({"world": w, "train": t, "commit": made, "val": val_scores(path),
                             "scores": scores(json.loads(path.read_text()))})  # fmt: skip
     summary = summarize([r["scores"] for r in per_run])
+    summary["val"] = val_differences([r["val"] for r in per_run])
     command = " ".join(["python bench/claims.py", *argv])
     header = (
         f"## Claims, {datetime.date.today()}, {cpu_model()}\n\n`{command}`: world seeds {worlds} x "
@@ -247,10 +292,11 @@ def main(argv: list[str] | None = None) -> None:
     stem.with_suffix(".json").write_text(json.dumps(record, indent=1) + "\n")
     write_csv(summary, stem.with_suffix(".csv"))
     plot(summary, stem.with_suffix(".png"), f"{command} (n = {len(per_run)})")
-    iv = summary["differences"]["routed - fixed"]["mean"]
     print(f"wrote {stem}.{{md,json,csv,png}}")
+    empty = {"mean": None, "half": None, "n": 0}
+    iv = summary["differences"].get(f"routed - {BASELINE}", {}).get("mean", empty)
     points = lambda v: "n/a" if v is None else f"{100 * v:.2f}"  # noqa: E731
-    print(f"RESULT claims routed_minus_fixed={points(iv['mean'])} ci={points(iv['half'])} "
+    print(f"RESULT claims routed_minus_{BASELINE}={points(iv['mean'])} ci={points(iv['half'])} "
           f"n={iv['n']}")  # fmt: skip
 
 

@@ -85,7 +85,7 @@ def test_outputs_written(tmp_path, monkeypatch):
     out = []
     monkeypatch.setattr("builtins.print", lambda *a, **k: out.append(" ".join(map(str, a))))
     claims.main(["--world-seeds", "0", "1", "--train-seeds", "0", "1"])
-    assert out[-1] == "RESULT claims routed_minus_fixed=-3.00 ci=0.00 n=4"
+    assert out[-1] == "RESULT claims routed_minus_average=-1.00 ci=0.00 n=4"
     record = json.loads((tmp_path / "claims-full.json").read_text())
     assert record["differences"]["fixed - average"]["mean"]["mean"] == pytest.approx(0.02)
     rows = list(csv.DictReader(open(tmp_path / "claims-full.csv")))
@@ -94,3 +94,17 @@ def test_outputs_written(tmp_path, monkeypatch):
     text = (tmp_path / "claims-full.md").read_text()
     assert "reversed" in text and "Code: ?, abc. **Warning" in text
     assert (tmp_path / "claims-full.png").stat().st_size > 1000
+
+
+def test_val_differences_pair_each_route_with_its_start(tmp_path):
+    """A route export's best val minus the routed export's start val (uniform = average)."""
+    run = tmp_path / "w0"
+    for name, best, start in (("routed", 0.66, 0.64), ("fixed", 0.64, 0.64)):
+        (run / "omni" / "base" / name).mkdir(parents=True)
+        meta = {"best_val_mean_R1": best, "start_val_mean_R1": start}
+        (run / "omni" / "base" / name / "omni.json").write_text(json.dumps(meta))
+    val = claims.val_scores(run / "runs" / "pipeline-base" / "results.json")
+    assert val == {"routed": 0.66, "fixed": 0.64, "average": 0.64}
+    diffs = claims.val_differences([val, {**val, "routed": 0.68}])
+    assert list(diffs) == ["fixed", "routed"]
+    assert diffs["routed"]["mean"] == pytest.approx(0.03) and diffs["fixed"]["mean"] == 0.0
