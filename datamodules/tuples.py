@@ -162,18 +162,19 @@ def link_retrievers(path: str | os.PathLike, meta: Mapping) -> dict[str, dict[st
                 a, b = sorted((x, y), key=MODALITIES.index)
                 hops[y] = (x, routes[f"{a}_{b}"])
 
-        def up(m: str) -> set[str]:
-            """The items between m and the start item (m included, the start not)."""
-            seen = set()
-            while m != start:
-                seen.add(m)
-                m = hops[m][0]
-            return seen
-
         present = {start, *hops}
         out[start] = {
-            f"{a}_{b}": sorted({hops[m][1] for m in up(a) ^ up(b)})
+            f"{a}_{b}": sorted({hops[m][1] for m in _up(a, start, hops) ^ _up(b, start, hops)})
             for a, b in PAIRS
             if a in present and b in present
         }
     return out
+
+
+def _up(m: str, start: str, hops: Mapping[str, tuple[str, str]]) -> set[str]:
+    """The items between m and the start item of a tuple's tree (m included, the start not)."""
+    seen = set()
+    while m != start:
+        seen.add(m)
+        m = hops[m][0]
+    return seen
