@@ -3,9 +3,11 @@
     python bench/claims.py [--world-seeds 0 1 2] [--train-seeds 0 1 2] [--quick] [--finished]
                            [-- overrides]
 
-Runs the main job (`python train.py`: pair -> bind -> route x3 -> evaluate) once per (world seed,
+Runs the main job (`python train.py`: pair -> bind -> routes -> evaluate) once per (world seed,
 training seed) pair, as `data.seed=W seed=T`, each into its own directory under
-bench/claims_results/runs/<tag>/ (the worlds' caches are shared by a world's training seeds). A
+bench/claims_results/runs/<tag>/. A world's caches and bound spaces are shared by its training
+seeds (`bind.seed=0`, one `route.bound_dir` per world): the training seeds vary the routes, the
+methods compared, over the same projectors; the world seeds vary everything. A
 pair whose results.json exists is skipped, so an interrupted sweep resumes. `--quick` is 2 x 2
 seeds on the small test world (tests/conftest.py SMALL_WORLD); overrides after `--` go to every
 run, and a hash of them names the runs' folder so that runs with other settings never mix.
@@ -63,8 +65,10 @@ def run_pipeline(runs: Path, world: int, train: int, overrides: list[str]) -> tu
         return results, json.loads(record.read_text())["commit"] if record.is_file() else "?"
     out.mkdir(parents=True, exist_ok=True)
     data = runs / f"world{world}_data"  # one world per seed, shared by its training seeds
+    bound = runs / f"world{world}_bound"  # bound once per world (bind.seed=0), see the docstring
     command = [sys.executable, "train.py", f"paths.output_dir={out}", f"paths.data_dir={data}",
-               f"seed={train}", f"data.seed={world}", *overrides]  # fmt: skip
+               f"seed={train}", f"data.seed={world}", "bind.seed=0", f"route.bound_dir={bound}",
+               *overrides]  # fmt: skip
     print(f"claims: world {world}, train {train}: {' '.join(command[1:])}", flush=True)
     with open(out / "claims.log", "w") as log:
         code = subprocess.run(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT).returncode

@@ -248,6 +248,8 @@ def load_bound_space(directory: str | Path) -> tuple[ProjectorMixture, dict]:
 def run(cfg: DictConfig) -> float:
     """Train, checkpoint and export the bound space of `cfg.space`; returns the best mean R@1."""
     space, anchor = cfg.space, cfg.anchor
+    if cfg.bind.seed is not None:  # the binds' own seed (bench/claims.py varies only the routes)
+        L.seed_everything(cfg.bind.seed, workers=True, verbose=False)
     if space.name == anchor.name:
         raise ValueError(f"space {space.name!r} is the anchor; bind a source space")
     if not space.dims:

@@ -118,13 +118,15 @@ def _pair(cfg: DictConfig) -> str:
 def _bind_all(cfg: DictConfig, tuples: str, suffix: str = "") -> dict[str, str]:
     """Bind every space of the variant into route.bound_dir; returns {space: weights digest}."""
     bound = {}
+    seed = cfg.seed if cfg.bind.seed is None else cfg.bind.seed
     for name, space in cfg.variant.spaces.items():
         directory = Path(cfg.route.bound_dir) / name
-        sub = _sub(cfg, space=space, run_name=f"bind-{name}{suffix}", **stage_changes(cfg, "bind"))
+        sub = _sub(cfg, space=space, seed=seed, run_name=f"bind-{name}{suffix}",
+                   **stage_changes(cfg, "bind"))  # fmt: skip
         sub.bind.export_dir = str(directory)
         keys = [*DATA_KEYS, "space", "bind", "model.bind", "loss.temperature", "loss.weights"]
         bound[name] = _step(
-            cfg,
+            sub,
             f"bind {name}{suffix}",
             directory,
             _digest(sub, keys, tuples=tuples),
@@ -166,7 +168,7 @@ def run(cfg: DictConfig) -> float | None:
     }
     if cfg.pipeline.oracle and cfg.data.kind == "synthetic" and tuples != "oracle":
         # The upper bound: the same method on the world's ground-truth tuples.
-        bound_dir = str(Path(cfg.paths.output_dir) / "bound_oracle")
+        bound_dir = str(cfg.route.bound_dir).rstrip("/") + "_oracle"
         changes = {"bind.pairs": "oracle", "route.pairs": "oracle", "route.bound_dir": bound_dir}
         oracle = _sub(cfg, **changes)
         bound = _bind_all(oracle, "oracle", suffix="-oracle")

@@ -102,6 +102,7 @@ class Bind:
     lr: Float
     weight_decay: Float
     warmup_fraction: Float
+    seed: Int | None
     export_dir: Str
 
 
