@@ -6,13 +6,15 @@ synthesised sound, and sampled as a 3D shape, so the pair stage has something to
     pool/points/        48 clouds (.npy, ascii and binary .ply)   pool/captions.jsonl  a caption
                         per pool item, with its provenance (image, audio or point) and label
     test/{images,audio,points}/<class>/   labelled items (zero-shot); test/captions.jsonl: five
-                        captions per test image (COCO-style, `item` names the image)
+                        captions per test image (COCO-style, `item` names the image);
+                        test/{audio,point}_captions.jsonl: two per test clip and cloud
+                        (AudioCaps- and Objaverse-style, datasets test_audio and test_point)
     videos/             12 clips (frame folders, (T, H, W, 3) .npy and .mp4) with three captions
                         each in video_captions.jsonl (MSR-VTT-style)
-    benchmarks.json     retrieval (image-text, video-text) and zero-shot manifests with classes
-                        and templates (lightning_modules/benchmarks.py)
+    benchmarks.json     retrieval (image-, audio-, point- and video-text) and zero-shot manifests
+                        with classes and templates (lightning_modules/benchmarks.py)
     dumps/<dataset>/{point,image,text}.npy + .ids.json: 1024-d "precomputed" embeddings (class
-                        prototype + noise) for `space=uni3d space.encoder.path=<source>/dumps`
+                        prototype + noise) for `space=demo_uni3d` (its dumps)
 Nothing is downloaded; the same seed writes the same files.
 """
 
@@ -47,7 +49,7 @@ VIDEOS_PER_CLASS, VIDEO_FRAMES, SIZE, N_POINTS, DUMP_DIM = 2, 8, 96, 1024, 1024
 TEMPLATES = {"image": ["a photo of a {}.", "a drawing of a {}."],
              "audio": ["the sound of a {}.", "a recording of a {}."],
              "point": ["a 3D model of a {}.", "a point cloud of a {}."]}  # fmt: skip
-MARKER = "DEMO_RAW_COMPLETE"
+MARKER = "DEMO_RAW_COMPLETE_V2"  # V2: audio and point captions for retrieval
 
 
 def draw(concept: str, colour: str, bg: str, rng: np.random.Generator, size: int = SIZE):
@@ -165,6 +167,7 @@ def _split(w: _Writer, split: str) -> None:
 
     rng, root, n = w.rng, w.root / split, COUNTS[split]
     captions, labelled = [], split == "test"
+    item_captions: dict[str, list[dict]] = {"audio": [], "point": []}  # test clips and clouds
     for c in CLASSES:
         kind, shape_name, heard = CONCEPTS[c]
         sub = f"{c}/" if labelled else ""
@@ -191,6 +194,11 @@ def _split(w: _Writer, split: str) -> None:
             w.add(split, "audio", key, c)
             if not labelled:
                 captions.append(dict(id=f"audio/{key}", text=heard, provenance="audio", label=c))
+            else:  # two captions per test clip, AudioCaps-style
+                for j, text in enumerate([heard, f"the sound of a {c}"]):
+                    item_captions["audio"].append(
+                        dict(id=f"{key}/{j}", text=text, provenance="audio", label=c, item=key)
+                    )
         for i in range(n["point"]):
             key = f"{sub}{c}_{i:02d}"
             (root / "points" / key).parent.mkdir(parents=True, exist_ok=True)
@@ -200,6 +208,14 @@ def _split(w: _Writer, split: str) -> None:
             else:
                 write_ply(root / "points" / f"{key}.ply", pts, binary=i % 3 == 2)
             w.add(split, "point", key, c)
+            if labelled:  # two captions per test cloud, as Objaverse's
+                for j, text in enumerate(
+                    [f"a 3D model of a {c}", f"a {shape_name} shaped like a {c}"]
+                ):
+                    item_captions["point"].append(
+                        dict(id=f"{key}/{j}", text=text, provenance="point", label=c, item=key)
+                    )
+                w.add("test_point", "point", key, c)
             if not labelled:
                 size = ["small", "large", "tall", "flat"][i % 4]
                 captions.append(dict(id=f"point/{key}", text=f"a 3D model of a {size} {c}",
@@ -210,6 +226,11 @@ def _split(w: _Writer, split: str) -> None:
     w.jsonl(root / "captions.jsonl", captions)
     for r in captions:
         w.add(split, "text", r["id"], r["label"])
+    for m, rows in item_captions.items():
+        if rows:  # their own datasets (test_audio, test_point), as AudioCaps and Objaverse are
+            w.jsonl(root / f"{m}_captions.jsonl", rows)
+            for r in rows:
+                w.add(f"test_{m}", "text", r["id"], r["label"])
 
 
 def _videos(w: _Writer) -> None:
@@ -245,6 +266,10 @@ def _benchmarks(w: _Writer) -> None:
                      templates=TEMPLATES[m]) for m in ("image", "audio", "point")]  # fmt: skip
     retrieval = [dict(name="demo_coco", dataset="test", modalities=["image", "text"],
                       items={"text": "item"}),
+                 dict(name="demo_audiocaps", dataset="test_audio", modalities=["audio", "text"],
+                      items={"text": "item"}),
+                 dict(name="demo_objaverse_text", dataset="test_point",
+                      modalities=["point", "text"], items={"text": "item"}),
                  dict(name="demo_msrvtt", dataset="video", modalities=["video", "text"],
                       items={"text": "item"})]  # fmt: skip
     spec = dict(name="demo_raw", root=".", retrieval=retrieval, zeroshot=zeroshot)

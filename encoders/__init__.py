@@ -2,9 +2,15 @@
 
 `conf/space/<name>.yaml` declares its encoder as a Hydra `_target_` config; the other keys of
 the block are the class's constructor arguments (Hydra names a wrong key when it builds it):
-    encoders.openclip.OpenClipEncoder        image, text  EVA02-E, SigLIP, DFN, EVA-CLIP, tiny_clip
-    encoders.clap.ClapEncoder                audio, text  CLAP, tiny_clap
-    encoders.precomputed.PrecomputedEncoder  any          Uni3D, WavCaps, ImageBind (their dumps)
+    encoders.openclip.OpenClipEncoder        image, text         EVA02-E, DFN, tiny_clip
+    encoders.hf_clip.HFClipEncoder           image, text         SigLIP (transformers)
+    encoders.eva_clip                        image, text         EVA-CLIP-18B
+    encoders.clap.ClapEncoder                audio, text         CLAP, tiny_clap
+    encoders.wavcaps.WavCapsEncoder          audio, text         WavCaps HTSAT-BERT
+    encoders.imagebind.ImageBindEncoder      audio, image, text  ImageBind-huge
+    encoders.uni3d.Uni3DEncoder              point               Uni3D-g
+    encoders.composite.CompositeEncoder      any                 Uni3D's point tower + EVA02-E's
+    encoders.precomputed.PrecomputedEncoder  any                 any space's own dumps
 Video goes through the image encoder frame by frame and is averaged (encoders/video.py).
 
 Raw items to embeddings in one call (what the inference API uses):

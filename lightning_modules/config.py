@@ -33,9 +33,8 @@ def space_configs(names: Iterable[str]) -> dict[str, DictConfig]:
 
 def ensure_data(cfg: DictConfig, names: Iterable[str]) -> Path:
     """The cache root for these spaces; the synthetic world writes missing caches first."""
-    spaces = space_configs(dict.fromkeys(names))
-    if cfg.data.kind == "synthetic":
-        return ensure_world(cfg.data, spaces)
+    if cfg.data.kind == "synthetic":  # raw data needs no space config here: its caches exist
+        return ensure_world(cfg.data, space_configs(dict.fromkeys(names)))
     root = Path(cfg.data.root)
     if not root.is_dir():
         raise FileNotFoundError(f"data.root {root} does not exist; run stage=extract first")

@@ -8,7 +8,8 @@ as one shard as soon as its last batch is embedded. A rerun skips finished chunk
 crash) and complete caches; under DDP each rank writes its own chunks and rank 0 writes the
 manifest at the end. `trainer=deepspeed_infer` shards a huge encoder (EVA-CLIP-18B) with ZeRO-3:
 the model is built inside `configure_model`, already partitioned, and rank 0 streams the weights
-in module by module. Precomputed spaces (Uni3D, WavCaps, ImageBind) are imported from their dumps.
+in module by module. A space with `encoders.precomputed.PrecomputedEncoder` is imported from its
+dumps.
 """
 
 from __future__ import annotations

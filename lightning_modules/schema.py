@@ -269,6 +269,9 @@ class Variant:
     include_anchor: Bool
     predictors: dict[Modality, list[Str]]
     spaces: dict[Str, dict[Str, Any]]  # each is checked as a Space
+    # A demo variant's pair links and pair-only spaces (experiment=demo_raw reads them).
+    pair: dict[Str, dict[Str, Any]] | None = None
+    extract: dict[Str, dict[Str, Any]] | None = None
 
 
 # --------------------------------------------------------------------------------------- data

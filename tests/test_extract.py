@@ -377,7 +377,7 @@ def test_precomputed_space_is_imported_row_aligned(tmp_path: Path, demo: Path) -
     order = np.arange(1, len(keys))[::-1]  # reversed, and the first item is missing
     np.save(dump / "point.npy", emb[order])
     (dump / "point.ids.json").write_text(json.dumps([keys[i] for i in order]))
-    cfg = extract_cfg(tmp_path, demo, "space=uni3d", f"space.encoder.path={dump.parent}",
+    cfg = extract_cfg(tmp_path, demo, "space=demo_uni3d", f"space.encoder.path={dump.parent}",
                       "extract.modalities=[point]", "extract.datasets=[pool]")  # fmt: skip
     assert run(cfg) == len(keys) - 1
     cache = open_cache(cfg, "pool", "point")
@@ -385,7 +385,8 @@ def test_precomputed_space_is_imported_row_aligned(tmp_path: Path, demo: Path) -
     unit = emb[1:] / np.linalg.norm(emb[1:], axis=1, keepdims=True)
     np.testing.assert_allclose(cache.load(), unit, atol=2e-3)
     assert [e["key"] for e in read_errors(cache.directory)] == [keys[0]]
-    strict = extract_cfg(tmp_path / "s", demo, "space=uni3d", f"space.encoder.path={dump.parent}",
+    strict = extract_cfg(tmp_path / "s", demo, "space=demo_uni3d",
+                         f"space.encoder.path={dump.parent}",
                          "extract.modalities=[point]", "extract.on_error=raise",
                          "extract.datasets=[pool]")  # fmt: skip
     with pytest.raises(ValueError, match=f"'{keys[0]}' missing from the precomputed dump"):
@@ -404,7 +405,7 @@ def test_synthetic_data_has_nothing_to_extract(tmp_path: Path) -> None:
 def test_deepspeed_infer_composes_and_reaches_the_strategy(tmp_path: Path, demo: Path) -> None:
     cfg = extract_cfg(tmp_path, demo, "trainer=deepspeed_infer", "space=eva_clip_18b")
     assert cfg.trainer.strategy.stage == 3 and cfg.trainer.precision == "bf16-true"
-    assert cfg.space.encoder._target_ == "encoders.openclip.OpenClipEncoder"
+    assert cfg.space.encoder._target_ == "encoders.eva_clip.EvaClip18BEncoder"
     assert cfg.space.dims.image == 1536
     cfg = extract_cfg(tmp_path, demo, "trainer=deepspeed_infer", "trainer.accelerator=cpu")
     # On a CPU, Lightning builds the DeepSpeed ZeRO-3 strategy and then refuses to run it.
