@@ -91,3 +91,33 @@ def test_demo_raw_experiment_runs_end_to_end(tmp_path: Path) -> None:
         assert {"text_to_image/R@1", "video_to_text/R@1"} <= keys, keys
         assert methods[name]["zeroshot"], name
     assert "Trained on **pseudo** tuples" in (run / "results.md").read_text()
+
+
+@pytest.mark.slow
+def test_base_tiny_runs_from_raw_files_with_no_dump(tmp_path: Path) -> None:
+    """`experiment=demo_raw variant=base_tiny`: Base's six families (tiny, random weights) embed
+    the raw images, audio, clouds, videos and captions themselves; the demo's dumps are deleted
+    before the run, so nothing can be imported from them."""
+    import shutil
+
+    from datamodules.demo_raw import ensure_demo_raw
+
+    source = ensure_demo_raw(tmp_path / "data" / "raw" / "demo_raw")
+    shutil.rmtree(source / "dumps")
+    argv = [sys.executable, str(REPO / "train.py"), "experiment=demo_raw", "variant=base_tiny",
+            f"paths.output_dir={tmp_path}", "trainer.enable_progress_bar=false"]  # fmt: skip
+    _run(argv, tmp_path)
+    methods = json.loads((tmp_path / "runs" / "pipeline-base_tiny" / "results.json").read_text())
+    methods = methods["methods"]
+    spaces = ("tiny_wavcaps", "tiny_wavcaps_audiocaps", "tiny_wavcaps_clotho", "tiny_eva02_e",
+              "tiny_uni3d", "tiny_imagebind")  # fmt: skip
+    assert {f"raw:{s}" for s in spaces} <= set(methods)
+    for name in ("average", "routed"):
+        keys = set(methods[name]["retrieval"])
+        pairs = ("audio", "image", "point", "video")
+        assert {f"{q}_to_text/R@1" for q in pairs} | {f"text_to_{t}/R@1" for t in pairs} <= keys
+        zeroshot = {k.split("/")[0] for k in methods[name]["zeroshot"]}
+        assert zeroshot == {"point", "audio", "image"}, name
+    meta = json.loads((tmp_path / "omni" / "base_tiny" / "routed" / "omni.json").read_text())
+    # The official Base layout: 4 audio, 3 image, 6 text and 1 point groups.
+    assert {m: len(g) for m, g in meta["groups"].items()} == dict(point=1, audio=4, image=3, text=6)
