@@ -28,7 +28,7 @@ def test_tiny_uni3d_embeds_points_with_uni3d_and_the_rest_with_eva02() -> None:
     raw = {"point": [cloud], "image": [Image.new("RGB", (40, 30), (200, 30, 30))],
            "text": ["a chair"]}  # fmt: skip
     out = enc.encode(raw)
-    for m, x in out.items():
+    for x in out.values():
         assert x.shape == (1, 64) and torch.allclose(x.norm(dim=1), torch.ones(1))
     alone = enc.parts[1].encode({"text": ["a chair"]})["text"]
     assert torch.equal(out["text"], alone)
