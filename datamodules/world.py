@@ -23,6 +23,10 @@ default leaves the v1 world byte for byte as it was:
   their popularity (not every concept has audio or 3D; AudioSet and Objaverse are long-tailed).
 - `audio_labels`: pool audio is multi-label (a clip mixes 1, 2, 3... concepts; `multilabels` extra).
 - `vague_captions`: the share of pool captions that name only the coarse category (alt-text).
+- `shared_noise` c in [0, 1): errors shared between spaces. Each space's encoder noise mixes one
+  draw per item common to every space with its own, sqrt(c) * common + sqrt(1 - c) * own, so
+  the spaces' mistakes correlate as real spaces' do (they learn from overlapping data); with c = 0
+  each space errs independently and averaging cancels more of them than it could in reality.
 - `calibrated`: each space's `world.v2` block overrides its `world` block. Its values are fitted by
   `bench/calibration.py` to the real spaces' R@1 at benchmark gallery sizes. A `tower: <space>`
   there makes the space's modalities that the tower space embeds the tower's own encoder (same
@@ -294,8 +298,10 @@ class World:
         views: np.ndarray,
         r: np.random.Generator,
         chunk: int = 8192,
+        shared: np.random.Generator | None = None,
     ) -> np.ndarray:
-        """L2-normalised embeddings (n, d) of observations x in space `name`."""
+        """L2-normalised embeddings (n, d) of observations x in space `name`; `shared` draws the
+        noise common to every space (data.shared_noise)."""
         space = self.spaces[name]
         w1, w2, off = self.encoder_weights(name)
         gain = np.concatenate(
@@ -312,10 +318,15 @@ class World:
                 f"space {name!r}: world.noise.{modality} has no entry for view {e}"
             ) from e
         out = np.empty((len(x), w2.shape[1]), np.float32)
+        c = float(self.cfg.get("shared_noise") or 0.0)
+        if not 0.0 <= c < 1.0:
+            raise ValueError(f"data.shared_noise={c}: expected a value in [0, 1)")
         for i in range(0, len(x), chunk):
-            xt = gain * x[i : i + chunk] + sigma[i : i + chunk] * r.standard_normal(
-                x[i : i + chunk].shape, np.float32
-            )
+            eps = r.standard_normal(x[i : i + chunk].shape, np.float32)
+            if c:
+                common = shared.standard_normal(eps.shape, np.float32)
+                eps = np.float32(np.sqrt(1 - c)) * eps + np.float32(np.sqrt(c)) * common
+            xt = gain * x[i : i + chunk] + sigma[i : i + chunk] * eps
             out[i : i + chunk] = np.tanh(xt @ w1) @ w2 + off[modality]
         return out / np.linalg.norm(out, axis=1, keepdims=True)
 
@@ -566,7 +577,7 @@ WORLD_KEYS = (
 # The v2 keys enter a fingerprint only when set, so v1 caches keep their fingerprints.
 V2_KEYS = (
     "hierarchy", "aspect_sharing", "pool_coverage", "audio_labels", "vague_captions", "calibrated",
-    "video",
+    "video", "shared_noise",
 )  # fmt: skip
 
 
@@ -587,7 +598,8 @@ def embed(
     space's `video.audio_track` is on, the audio tracks join (encoders/video.py's `join_audio`)
     and an `audio_track` extra marks the rows they joined."""
     r = _rng(world.seed, dataset, modality, world.rng_name(name, modality))
-    emb = world.encode(name, modality, obs["x"], obs["views"], r)
+    shared = _rng(world.seed, dataset, modality, "shared noise")
+    emb = world.encode(name, modality, obs["x"], obs["views"], r, shared=shared)
     extras = obs["extras"]
     if not obs.get("frames"):
         return emb, extras
@@ -598,7 +610,8 @@ def embed(
         return emb, extras
     track, flags = obs["track"], np.zeros(len(emb), np.int8)
     ra = _rng(world.seed, dataset, "audio_track", world.rng_name(name, "audio"))
-    audio = world.encode(name, "audio", track["x"], track["views"], ra)
+    rs = _rng(world.seed, dataset, "audio_track", "shared noise")
+    audio = world.encode(name, "audio", track["x"], track["views"], ra, shared=rs)
     joined = join_audio(torch.from_numpy(emb[track["rows"]]), torch.from_numpy(audio), weight)
     emb[track["rows"]], flags[track["rows"]] = joined.numpy(), 1
     return emb, dict(extras, audio_track=flags)

@@ -345,6 +345,7 @@ class WorldData(Data):
     pool_coverage: dict[Modality, Coverage] | None
     audio_labels: AudioLabels | None
     vague_captions: Float | None
+    shared_noise: Float | None = None
     calibrated: Bool
     overwrite: Bool
     video: Video | None = None  # val/test_video_text sets (world.py reads it with .get)

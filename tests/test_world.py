@@ -354,3 +354,30 @@ def test_v2_video_text_sets(v2_world) -> None:
     rows = {r["name"]: r for r in bench["retrieval"]}
     assert rows["world_video_text"]["modalities"] == ["video", "text"]
     assert rows["world_video_text"]["dataset"] == "test_video_text"
+
+
+def test_shared_noise_makes_errors_common_to_the_spaces(world_cfg) -> None:
+    """data.shared_noise mixes one common draw into every space's encoder noise: two encodings
+    with independent own draws but the same common draw agree more as its share grows; at 0 the
+    common generator is never drawn from (the world's bytes stay as they were)."""
+    spaces = space_configs(["clap"])
+    agreement = {}
+    for c in (0.0, 0.9):
+        data = OmegaConf.merge(world_cfg.data, {"shared_noise": c})
+        world = World(data, spaces)
+        views = np.array(["audio"] * 50)
+        x = world.observe(world.instances(np.arange(50), np.random.default_rng(0)), views,
+                          np.random.default_rng(1))  # fmt: skip
+        shared = [np.random.default_rng(7), np.random.default_rng(7)]
+        a, b = (world.encode("clap", "audio", x, views, np.random.default_rng(s), shared=shared[i])
+                for i, s in enumerate((2, 3)))  # fmt: skip
+        agreement[c] = float((a * b).sum(1).mean())
+        if c == 0.0:
+            assert shared[0].random() == np.random.default_rng(7).random()  # never drawn
+    assert agreement[0.9] > agreement[0.0] + 0.05, agreement
+    with pytest.raises(ValueError, match=r"data.shared_noise=1.0: expected a value in \[0, 1\)"):
+        World(OmegaConf.merge(world_cfg.data, {"shared_noise": 1.0}), spaces).encode(
+            "clap", "audio", x, views, np.random.default_rng(0), shared=np.random.default_rng(0)
+        )
+    data = OmegaConf.to_container(world_cfg.data, resolve=True)
+    assert fingerprint({**data, "shared_noise": 0.0}) == fingerprint(data)
