@@ -88,6 +88,7 @@ class Run:
     seed: Int
     resume: Bool
     force: Bool
+    upstream: Bool
     run_dir: Str
 
 
@@ -345,7 +346,7 @@ class WorldData(Data):
     pool_coverage: dict[Modality, Coverage] | None
     audio_labels: AudioLabels | None
     vague_captions: Float | None
-    shared_noise: Float | None = None
+    shared_noise: Float | None
     calibrated: Bool
     overwrite: Bool
     video: Video | None = None  # val/test_video_text sets (world.py reads it with .get)
@@ -414,7 +415,7 @@ def _name(cfg: DictConfig, key: str) -> Any:
 
 def _blocks(cfg: DictConfig) -> Iterator[tuple[str, type, str, list[str] | None]]:
     """(key, schema, file that declares it, keys to check or None for all) of each block."""
-    yield "", Run, "conf/config.yaml", ["seed", "resume", "force", "run_dir"]
+    yield "", Run, "conf/config.yaml", ["seed", "resume", "force", "upstream", "run_dir"]
     yield "", Stage, _file("stage", _name(cfg, "stage")), ["stage", "run_name"]
     yield "paths", Paths, _file("paths", "default"), None
     for key, schema in BLOCKS.items():
