@@ -58,7 +58,8 @@ def run(cfg: DictConfig) -> float | None:
         raise ValueError(
             "evaluate.methods is empty; e.g. evaluate.methods=[raw:clap,omni:base/routed]"
         )
-    methods = [make_method(spec, ev.bound_dir, ev.omni_dir) for spec in ev.methods]
+    spaces = {**cfg.variant.spaces, cfg.anchor.name: cfg.anchor}
+    methods = [make_method(spec, ev.bound_dir, ev.omni_dir, spaces) for spec in ev.methods]
     names = [m.name for m in methods]
     if len(set(names)) < len(names):
         raise ValueError(f"evaluate.methods: names must be unique, got {names}")

@@ -10,7 +10,7 @@ A method is named by its spec (`raw:clap`), or by a name given as `<name>=<spec>
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Protocol
 
@@ -47,9 +47,13 @@ def open_cache(
 class RawSpace:
     """A space's own embeddings (native, not projected)."""
 
-    def __init__(self, name: str, space: str, bound_dir: Path, omni_dir: Path) -> None:
+    def __init__(
+        self, name: str, space: str, bound_dir: Path, omni_dir: Path, known: Mapping | None = None
+    ) -> None:
         self.name, self.spaces = name, [space]
-        self.dims = dict(space_configs([space])[space].dims)
+        # The run's own space configs first (a variant may compose a space under a new name).
+        config = (known or {}).get(space) or space_configs([space])[space]
+        self.dims = dict(config["dims"])
         self.modalities = tuple(m for m in MODALITIES if m in self.dims)
 
     def embed(self, root: Path, dataset: str, modality: str) -> torch.Tensor:
@@ -118,8 +122,15 @@ METHODS: dict[str, Callable[[str, str, Path, Path], Method]] = {
 }
 
 
-def make_method(spec: str, bound_dir: str | Path = ".", omni_dir: str | Path = ".") -> Method:
-    """The method of `[<name>=]<kind>:<argument>`: `raw:clap`, `avg=omni:base/routed:average`."""
+def make_method(
+    spec: str,
+    bound_dir: str | Path = ".",
+    omni_dir: str | Path = ".",
+    spaces: Mapping | None = None,
+) -> Method:
+    """The method of `[<name>=]<kind>:<argument>`: `raw:clap`, `avg=omni:base/routed:average`.
+
+    spaces: the run's space configs by name (what `raw:` reads a space's dims from)."""
     spec = str(spec)
     name, sep, rest = spec.partition("=")
     if not sep or ":" in name:  # no name given: the spec names itself
@@ -130,4 +141,6 @@ def make_method(spec: str, bound_dir: str | Path = ".", omni_dir: str | Path = "
             f"evaluate.methods: {spec!r} is not [<name>=]<kind>:<argument> with kind in "
             f"{list(METHODS)}"
         )
+    if kind == "raw":
+        return RawSpace(name, argument, Path(bound_dir), Path(omni_dir), spaces)
     return METHODS[kind](name, argument, Path(bound_dir), Path(omni_dir))
