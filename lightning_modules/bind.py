@@ -27,7 +27,7 @@ from datamodules.artifacts import (
 )
 from encoders.modalities import LETTERS, MODALITIES, PAIRS
 from lightning_modules import lineage
-from lightning_modules.config import ensure_data, tuples_path, tuples_record, validation_record
+from lightning_modules.config import ensure_data, ensure_tuples, tuples_record, validation_record
 from lightning_modules.losses import info_nce
 from lightning_modules.metrics import compute_directions, direction_metrics
 from lightning_modules.models import ProjectorMixture
@@ -261,7 +261,7 @@ def run(cfg: DictConfig) -> float:
     dims = {(s.name, m): d for s in (space, anchor) for m, d in s.dims.items()}
     datamodule = hydra.utils.instantiate(cfg.datamodule)(
         root,
-        tuples_path(cfg, cfg.bind.pairs, root),
+        ensure_tuples(cfg, cfg.bind.pairs, root),
         needs=list(dims),
         dims=dims,
         val_pairs=model.val_pairs,

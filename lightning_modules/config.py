@@ -1,18 +1,28 @@
-"""Config helpers every stage shares: space configs, the data root, tuple tables."""
+"""Config helpers every stage shares: space configs, the data root, tuple tables, the Hub."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib.resources
-from collections.abc import Iterable
+import logging
+import os
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-import hydra
-from hydra.core.global_hydra import GlobalHydra
-from omegaconf import DictConfig, ListConfig, OmegaConf
+# Hugging Face libraries read HF_HUB_OFFLINE once, at their import, and online they retry a file
+# for minutes on a machine without network (laion_clap fetches tokenizers at import). Every entry
+# point (train.py, the inference CLI and OmniBind) imports this module before them, so each looks
+# on disk only, and fails at once naming what is missing (hub_files), unless HF_HUB_OFFLINE=0.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from datamodules.artifacts import file_sha256
-from datamodules.world import ensure_world
+import hydra  # noqa: E402
+from hydra.core.global_hydra import GlobalHydra  # noqa: E402
+from omegaconf import DictConfig, ListConfig, OmegaConf  # noqa: E402
 
+from datamodules.artifacts import CacheError, file_sha256  # noqa: E402
+from datamodules.world import ensure_world  # noqa: E402
+
+log = logging.getLogger(__name__)
 CONF_DIR = Path(str(importlib.resources.files("conf")))  # the installed package's config tree
 
 
@@ -60,6 +70,27 @@ def tuples_path(cfg: DictConfig, which: str, root: Path) -> Path:
     return Path(which)
 
 
+def ensure_tuples(cfg: DictConfig, which: str, root: Path) -> Path:
+    """tuples_path, made first by the pipeline's pair step when it is a missing pseudo table;
+    with upstream=false a missing table is refused, naming the command that makes it."""
+    path = tuples_path(cfg, which, root)
+    if path.exists() or pairs_source(cfg, which) != "pseudo":
+        return path
+    command = f"python train.py stage=pair paths.output_dir={cfg.paths.output_dir}"
+    if not cfg.upstream:
+        raise CacheError(f"{path}: no such tuple table (upstream=false); make it: {command} "
+                         "(with this run's data and pair overrides)")  # fmt: skip
+    log.info("%s: no tuple table yet; running the pair stage first (upstream=false: don't)", path)
+    # Imported here: the pipeline imports every stage, and the stages import this module.
+    from lightning.pytorch.utilities.seed import isolate_rng
+
+    from lightning_modules.pipeline import pair_step
+
+    with isolate_rng():  # the stage goes on with the randomness it had, as when run alone
+        pair_step(cfg)
+    return path
+
+
 def tuples_record(cfg: DictConfig, which: str, root: Path) -> dict:
     """What an export records of its training tuples: the source and the table's sha256."""
     path = tuples_path(cfg, which, root)
@@ -79,3 +110,50 @@ def to_plain(cfg):
     if isinstance(cfg, DictConfig | ListConfig):
         return OmegaConf.to_container(cfg, resolve=True)
     return cfg
+
+
+@contextlib.contextmanager
+def hub_files(what: str) -> Iterator[None]:
+    """Re-raise a Hugging Face load that found no file on disk as a FileNotFoundError naming the
+    repo and files it asked for and HF_HUB_OFFLINE (transformers' own message names neither)."""
+    try:
+        yield
+    except OSError as e:
+        from huggingface_hub import constants
+        from huggingface_hub.errors import LocalEntryNotFoundError, OfflineModeIsEnabled
+
+        chain, cause = [], e
+        while cause is not None and cause not in chain:
+            chain.append(cause)
+            cause = cause.__cause__ or cause.__context__
+        asked = next((a for c in chain if (a := _hub_request(c))), None)
+        # transformers re-raises a miss as a plain OSError, and build_encoder drops its cause.
+        missed = any(isinstance(c, LocalEntryNotFoundError | OfflineModeIsEnabled) for c in chain)
+        if not (missed or (type(e) is OSError and asked)):
+            raise
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        if constants.HF_HUB_OFFLINE:
+            why = "HF_HUB_OFFLINE=1 (the default here) keeps downloads off"
+            fix = "or set HF_HUB_OFFLINE=0 to download it"
+        else:
+            why = "it could not be downloaded (HF_HUB_OFFLINE=0)"
+            fix = "or, without network, leave HF_HUB_OFFLINE unset (default 1) to fail at once"
+        raise FileNotFoundError(
+            f"{what}: {asked or 'a file from the Hub'} is not on disk and {why}; put it in the "
+            f"Hugging Face cache ({constants.HF_HUB_CACHE}) or a local folder the config names, "
+            f"{fix} ({first})"
+        ) from e
+
+
+def _hub_request(error: BaseException) -> str | None:
+    """The repo (and files) a failed Hub look-up asked for, read from its traceback's frames."""
+    asked, tb = None, error.__traceback__
+    while tb is not None:  # the innermost frame that names a repo wins
+        local = tb.tb_frame.f_locals
+        repo = local.get("path_or_repo_id", local.get("repo_id"))
+        if isinstance(repo, str):
+            files = local.get("full_filenames") or local.get("filenames") or local.get("filename")
+            files = [files] if isinstance(files, str) else list(files or [])
+            asked = f"{repo!r}" + (f" ({', '.join(map(str, files))})" if files else "")
+        tb = tb.tb_next
+    return asked

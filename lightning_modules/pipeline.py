@@ -98,8 +98,9 @@ def _extract(cfg: DictConfig) -> None:
         extract.run(_sub(cfg, space=space, run_name=f"extract-{name}-{cfg.data.name}"))
 
 
-def _pair(cfg: DictConfig) -> str:
-    """The pair stage, when bind or route read its table; returns the tuples' digest."""
+def pair_step(cfg: DictConfig) -> str:
+    """The pair stage, when bind or route read its table, unless fresh; returns the tuples'
+    digest. Bind and route run alone call it too when their table is missing (ensure_tuples)."""
     sources = {pairs_source(cfg, cfg.bind.pairs), pairs_source(cfg, cfg.route.pairs)}
     if "pseudo" not in sources:
         return ",".join(sorted(sources))  # the world's oracle (its config is in every digest)
@@ -158,7 +159,7 @@ def _route(cfg: DictConfig, name: str, overrides: dict, inputs: dict) -> Path:
 def run(cfg: DictConfig) -> float | None:
     """Run every stage for `cfg.variant`; returns the routed model's mean R@1 on the test sets."""
     _extract(cfg)
-    tuples = _pair(cfg)
+    tuples = pair_step(cfg)
     # The route reads the spaces' own configs too (text specialty, dims): they are inputs.
     spaces = to_plain(cfg.variant.spaces)
     inputs = dict(tuples=tuples, bound=_bind_all(cfg, tuples), spaces=spaces)

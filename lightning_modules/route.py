@@ -27,9 +27,9 @@ from lightning_modules import lineage
 from lightning_modules.bind import EXPORT_WEIGHTS, load_bound_space
 from lightning_modules.config import (
     ensure_data,
+    ensure_tuples,
     space_configs,
     to_plain,
-    tuples_path,
     tuples_record,
     validation_record,
 )
@@ -358,9 +358,10 @@ def run(cfg: DictConfig) -> float:
     bound = load_bound(cfg, sources)
     root = ensure_data(cfg, [*layout["spaces"], anchor])
     proj_root = Path(cfg.paths.output_dir) / "projected"
-    tuples = tuples_path(cfg, cfg.route.pairs, root)
+    tuples = ensure_tuples(cfg, cfg.route.pairs, root)
+    tuples_meta = load_tuples(tuples)[1]
     val_pairs = [(a, b) for a, b in PAIRS if a in groups and b in groups]
-    pool = "pool"
+    pool = tuples_meta["pool"]  # the dataset whose rows the table indexes (its pair.dataset)
     jobs = [(d, m) for d in [pool, *(f"val_{a}_{b}" for a, b in val_pairs)] for m in groups]
     hide = not cfg.trainer.get("enable_progress_bar", True)
     for dataset, m in track(jobs, "route: projecting the bound spaces", disable=hide):
@@ -394,7 +395,7 @@ def run(cfg: DictConfig) -> float:
     )
     links = None
     if cfg.route.align == "leave_retriever_out":
-        links = link_retrievers(tuples, load_tuples(tuples)[1])
+        links = link_retrievers(tuples, tuples_meta)
     # meta holds plain records (its encoder configs are data here, not objects to build).
     model: RouteModule = hydra.utils.instantiate(
         cfg.model.route, meta=meta, links=links, _recursive_=False
