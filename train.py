@@ -7,15 +7,17 @@ import os
 import re
 import sys
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")  # laion_clap fetches tokenizers at import otherwise
+# First, before `lightning` imports huggingface_hub: it sets the offline default (see there).
+import lightning_modules.config  # noqa: F401
 
-import hydra  # noqa: E402
-import lightning as L  # noqa: E402
-from hydra.core.hydra_config import HydraConfig  # noqa: E402
-from hydra.types import RunMode  # noqa: E402
-from omegaconf import DictConfig  # noqa: E402
+# isort: split
+import hydra
+import lightning as L
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig
 
-from lightning_modules.schema import validate  # noqa: E402
+from lightning_modules.schema import validate
 
 # Overrides that say how a job runs, not what it trains: they do not name a multirun job.
 OPERATIONAL = ("resume", "force", "run_name", "logger", "trainer", "paths", "hydra")

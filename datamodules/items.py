@@ -96,15 +96,18 @@ def read_records(path: Path) -> list[Any]:
 
 
 def _field(row: Any, names: Sequence[str], where: str, required: bool = True) -> Any:
+    """A record's first given field of `names`; a blank one (empty or only whitespace) is not
+    given. A string row is its own text or path."""
     if isinstance(row, str):
-        return row if names[0] in ("text", "path") else None
+        row = {names[0]: row} if names[0] in ("text", "path") else {}
     if not isinstance(row, Mapping):
         raise RawDataError(f"{where}: expected a record (object) or a string, got {row!r}")
     for name in names:
-        if row.get(name) not in (None, ""):
-            return row[name]
+        value = row.get(name)
+        if value is not None and not (isinstance(value, str) and not value.strip()):
+            return value
     if required:
-        raise RawDataError(f"{where}: record has no {' or '.join(names)} field")
+        raise RawDataError(f"{where}: record has no {' or '.join(names)} field (or it is blank)")
     return None
 
 

@@ -14,11 +14,13 @@ dumps.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import shutil
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -28,16 +30,16 @@ import torch
 from lightning.pytorch.callbacks import BasePredictionWriter, TQDMProgressBar
 from omegaconf import DictConfig
 
-from datamodules.cache import CacheError
+from datamodules.cache import CacheError, read_manifest
 from datamodules.demo_raw import ensure_demo_raw
 from datamodules.extraction import RawDataModule
-from datamodules.jobs import ExtractJob
+from datamodules.jobs import SIDECAR, ExtractJob
 from encoders import build_encoder, build_processor, encoder_class
 from encoders.base import Encoder
 from encoders.precomputed import SUFFIXES, DumpError
 from encoders.readers import LoadSettings
 from encoders.video import join_audio
-from lightning_modules.config import to_plain
+from lightning_modules.config import hub_files, to_plain
 from lightning_modules.extract_plan import plan, write_manifests
 from lightning_modules.training import make_trainer
 
@@ -63,7 +65,8 @@ class ExtractModule(L.LightningModule):
         cfg = dict(self.encoder_cfg)
         if zero3 and "precision" in cfg:
             cfg["precision"] = "fp32"  # DeepSpeed's bf16 config casts the partitions itself
-        self.encoder = build_encoder(cfg, self.dims, load_weights=not zero3)
+        with hub_files(f"encoder {cfg.get('_target_')}"):
+            self.encoder = build_encoder(cfg, self.dims, load_weights=not zero3)
         if zero3:
             state = self.encoder.pretrained_state_dict() if self.trainer.is_global_zero else None
             load_gathered(self.encoder, state)
@@ -278,18 +281,21 @@ def run(cfg: DictConfig) -> int:
         log.info("every cache of %s for %s is already extracted", cfg.space.name, data.name)
         return 0
     if encoder_class(cfg.space.get("encoder")).precomputed:
-        manifests = import_precomputed(cfg, jobs)
+        with discard_if_empty(jobs):
+            manifests = import_precomputed(cfg, jobs)
         return sum(m["count"] for m in manifests)
     encoder_cfg, dims = to_plain(cfg.space.encoder), dict(cfg.space.dims)
     settings = LoadSettings(**to_plain(data.get("load", {})), seed=int(data.seed))
+    with hub_files(f"space {cfg.space.name!r}"):  # its tokenizer and image processor
+        processor = build_processor(encoder_cfg, dims)
     dm = RawDataModule(
-        jobs, build_processor(encoder_cfg, dims), settings, batch_size=cfg.extract.batch_size,
+        jobs, processor, settings, batch_size=cfg.extract.batch_size,
         num_workers=cfg.extract.num_workers, on_error=cfg.extract.on_error,
         overwrite=cfg.extract.overwrite,
     )  # fmt: skip
     bar = [ItemsProgressBar()] if cfg.trainer.get("enable_progress_bar", True) else []
     trainer = make_trainer(cfg, 1, [CacheShardWriter(), *bar], logger=False)
-    with warnings.catch_warnings():
+    with discard_if_empty(jobs, trainer), warnings.catch_warnings():
         # Lightning cannot see that ChunkBatchSampler yields every index; it does.
         warnings.filterwarnings("ignore", message=".*custom batch sampler.*")
         trainer.predict(ExtractModule(encoder_cfg, dims), datamodule=dm, return_predictions=False)
@@ -299,6 +305,24 @@ def run(cfg: DictConfig) -> int:
         for job in dm.active:
             log.info("extracted %s -> %s", job.name, job.directory)
     return sum(len(job.items) for job in dm.active)
+
+
+@contextlib.contextmanager
+def discard_if_empty(jobs: list[ExtractJob], trainer: L.Trainer | None = None) -> Iterator[None]:
+    """On a failure, remove each cache directory this configuration started but wrote no shard
+    into: its marker would refuse the corrected rerun as an interrupted extraction of another
+    configuration, though there is nothing to resume."""
+    try:
+        yield
+    except BaseException:
+        if trainer is None or trainer.is_global_zero:
+            for job in jobs:
+                sidecar = job.directory / SIDECAR
+                if not sidecar.exists() or job.done_chunks() or read_manifest(job.directory):
+                    continue
+                if json.loads(sidecar.read_text()).get("fingerprint") == job.fingerprint:
+                    shutil.rmtree(job.directory)
+        raise
 
 
 def read_errors(directory: str | Path) -> list[dict]:

@@ -17,6 +17,9 @@ lower row wins).
 
     python -m lightning_modules.inference index --model M --root R --dataset D --modality X --out G
     python -m lightning_modules.inference search --model M --root R --gallery G --query D:X:ROW[@W]
+
+Like train.py, it reads Hugging Face files (Hub ids, tokenizers) from disk only unless
+HF_HUB_OFFLINE=0 (lightning_modules/config.py); a missing one is named at once.
 """
 
 from __future__ import annotations
@@ -30,6 +33,10 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+# First, before huggingface_hub: it sets the offline default (see there).
+from lightning_modules.config import hub_files
+
+# isort: split
 import numpy as np
 import safetensors.torch
 import torch
@@ -40,6 +47,7 @@ from safetensors import SafetensorError
 from datamodules import artifacts
 from datamodules.artifacts import atomic_write, atomic_write_json, file_sha256, verify_file
 from datamodules.cache import CacheError, CacheWriter, EmbeddingCache, cache_dir
+from datamodules.jobs import ITEMS
 from encoders import build_encoder, encoder_class
 from encoders.modalities import MODALITIES, check_modality, resolve_device
 from lightning_modules.omni import (
@@ -126,7 +134,10 @@ class OmniBind(
             return cls.load(path, encoders, weighting or "routed", device)
         chosen = {"encoders": encoders, "weighting": weighting, "device": device}
         model_kwargs = {k: v for k, v in chosen.items() if v is not None}
-        return super().from_pretrained(pretrained_model_name_or_path, **hub_kwargs, **model_kwargs)
+        with hub_files(f"model {str(pretrained_model_name_or_path)!r}"):
+            return super().from_pretrained(
+                pretrained_model_name_or_path, **hub_kwargs, **model_kwargs
+            )
 
     @classmethod
     def _from_pretrained(
@@ -358,7 +369,8 @@ class OmniBind(
         if encoder_class(record["encoder"]).precomputed:
             raise ValueError(f"space {space!r} reads precomputed dumps, which cannot embed a new "
                              "item; pass OmniBind(..., encoders={space: encoder})")  # fmt: skip
-        return build_encoder(record["encoder"], record["dims"]).to(self.device)
+        with hub_files(f"the encoder of space {space!r}"):
+            return build_encoder(record["encoder"], record["dims"]).to(self.device)
 
     @torch.no_grad()
     def embed_rows(
@@ -528,7 +540,9 @@ def build_gallery(
         z = bind.embed_rows(root, dataset, modality, slice(start, stop))
         writer.append(z.cpu().numpy(), first.ids[start:stop],
                       **{k: v[start:stop] for k, v in extras.items()})  # fmt: skip
-    writer.close(dataset=dataset, root=str(root), weighting=bind.weighting)
+    # source: the cache whose ids and item list (items.json, from extract) name the rows.
+    writer.close(dataset=dataset, root=str(root), weighting=bind.weighting,
+                 source=str(first.directory))  # fmt: skip
     return Gallery(out)
 
 
@@ -549,14 +563,35 @@ def parse_query(spec: str) -> tuple[str, str, int, float]:
         ) from e
 
 
-def _fields(cache: EmbeddingCache, row: int) -> dict[str, Any]:
-    """A row's id and its 1-D extras (labels, items, ...)."""
-    fields = {"id": cache.ids[row].item()}
+def _items(directory: str | Path | None) -> dict | None:
+    """The item list (keys, sources, classes) that extract wrote beside a cache, if any."""
+    path = Path(directory) / ITEMS if directory else None
+    return json.loads(path.read_text()) if path and path.is_file() else None
+
+
+def _fields(cache: EmbeddingCache, row: int, items: dict | None = None) -> dict[str, Any]:
+    """A row's item (its file or text, else its key) and class name where `items` names them,
+    then its id and 1-D extras (labels, items, ...)."""
+    fields, i = {}, cache.ids[row].item()
+    if items is not None and 0 <= i < len(items["keys"]):
+        fields["item"] = items["sources"][i] or items["keys"][i]
+        labels = cache.extra("labels") if cache.has("labels") else None
+        if items.get("classes") and labels is not None and labels.ndim == 1:
+            fields["class"] = items["classes"][int(labels[row])]
+    fields["id"] = i
     for key in cache.manifest.get("extras", []):
         value = cache.extra(key)
         if value.ndim == 1:
             fields[key] = value[row].item()
     return fields
+
+
+def _describe(fields: Mapping[str, Any]) -> str:
+    """`<item> (<class>) id=.. <extra>=..`: what a user knows the row by comes first."""
+    head = [str(fields["item"])] if "item" in fields else []
+    head += [f"({fields['class']})"] if "class" in fields else []
+    rest = [f"{k}={v}" for k, v in fields.items() if k not in ("item", "class")]
+    return " ".join(head + rest)
 
 
 def _search(args: argparse.Namespace, bind: OmniBind) -> None:
@@ -578,19 +613,18 @@ def _search(args: argparse.Namespace, bind: OmniBind) -> None:
         queries[key] = bind.embed_rows(args.root, dataset, modality, [row])
         weights[key] = weight
         cache = EmbeddingCache(cache_dir(args.root, dataset, bind.needed(modality)[0], modality))
-        described.append(_fields(cache, row))
-        text = " ".join(f"{k}={v}" for k, v in described[-1].items())
-        console.print(f"query {spec} (weight {weight}): {text}")
+        described.append(_fields(cache, row, _items(cache.directory)))
+        console.print(f"query {spec} (weight {weight}): {_describe(described[-1])}")
     scores, rows = gallery.search(compose(queries, weights), args.k)
     table = Table(title=f"top {len(rows[0])} of {len(gallery)} in {args.gallery}")
     for column in ("rank", "row", "score", "gallery item", "same as a query"):
         table.add_column(column, justify="right" if column in ("rank", "row", "score") else "left")
+    items = _items(gallery.cache.manifest.get("source"))
     for rank, (score, row) in enumerate(zip(scores[0], rows[0], strict=True), 1):
-        hit = _fields(gallery.cache, int(row))
-        # Extras (concept labels, paired item indices) it shares with some query row.
+        hit = _fields(gallery.cache, int(row), items)
+        # What it shares with some query row: its item, class, concept labels, paired items.
         same = [k for k, v in hit.items() if k != "id" and any(q.get(k) == v for q in described)]
-        text = " ".join(f"{k}={v}" for k, v in hit.items())
-        table.add_row(str(rank), str(row), f"{score:.4f}", text, ", ".join(same))
+        table.add_row(str(rank), str(row), f"{score:.4f}", _describe(hit), ", ".join(same))
     console.print(table)
 
 

@@ -1,0 +1,194 @@
+"""What a new user meets first: stages run alone, shared names read from artifacts, the offline
+default of every entry point, and errors that say what to do (issue 24)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import REPO, compose_config
+from PIL import Image
+
+from datamodules.artifacts import file_sha256
+from datamodules.cache import CacheError, CacheWriter, cache_dir
+from datamodules.items import RawDataError, list_items
+from datamodules.tuples import load_tuples, save_tuples
+from lightning_modules.bind import load_bound_space
+from lightning_modules.extract import run as extract
+from lightning_modules.inference import main
+from lightning_modules.omni import OmniModel
+from train import train
+
+QUICK_BIND = ("bind.epochs=1", "bind.hidden_dim=64", "bind.batch_size=256")
+
+
+# ------------------------------------------------------------------------ a stage run alone
+
+
+def test_bind_alone_makes_the_missing_tuple_table_first(
+    small_world: Path, compose_cfg, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """`python train.py stage=bind space=clap` in a new output dir: pair, then bind."""
+    cfg = compose_cfg("stage=bind", "space=clap", *QUICK_BIND)
+    with caplog.at_level(logging.INFO):
+        train(cfg)
+    table = tmp_path / "pairs" / "tuples.npz"
+    said = [r.getMessage() for r in caplog.records if "running the pair stage first" in r.message]
+    assert said == [f"{table}: no tuple table yet; running the pair stage first "
+                    "(upstream=false: don't)"]  # fmt: skip
+    meta = load_bound_space(tmp_path / "bound" / "clap")[1]
+    assert meta["pairs"] == "pseudo" and meta["tuples_sha256"] == file_sha256(table)
+    # Made by the pipeline's own pair step: stamped, so stage=pipeline finds it fresh.
+    stamp = json.loads((table.parent / "pipeline_config.json").read_text())
+    assert stamp["stage"] == "pair" and stamp["output"] == file_sha256(table)
+
+
+def test_upstream_false_names_the_missing_table_and_its_command(
+    small_world: Path, compose_cfg, tmp_path: Path
+) -> None:
+    cfg = compose_cfg("stage=bind", "space=clap", "upstream=false", *QUICK_BIND)
+    with pytest.raises(CacheError) as error:
+        train(cfg)
+    message = str(error.value)
+    assert "\n" not in message
+    assert message.startswith(f"{tmp_path / 'pairs' / 'tuples.npz'}: no such tuple table")
+    assert f"python train.py stage=pair paths.output_dir={tmp_path}" in message
+    assert not (tmp_path / "pairs").exists()
+
+
+# ------------------------------------------------------------------------ no hidden coupling
+
+
+def test_route_reads_the_pool_name_from_the_tuple_table(
+    small_world: Path, compose_cfg, tmp_path: Path
+) -> None:
+    """A tuple table over a pool dataset named `unpaired` binds and routes."""
+    root = tmp_path / "data" / "world"  # the shared world's caches, its pool also as `unpaired`
+    root.mkdir(parents=True)
+    for entry in small_world.iterdir():
+        (root / entry.name).symlink_to(entry)
+    (root / "unpaired").symlink_to(small_world / "pool")
+    table, meta = load_tuples(small_world / "tuples" / "oracle.npz")
+    tuples = tmp_path / "unpaired.npz"
+    save_tuples(tuples, table, **{**meta, "pool": "unpaired"})
+    one_space = ("variant=small", "~variant.spaces.imagebind", "~variant.spaces.uni3d")
+    common = (f"paths.data_dir={tmp_path / 'data'}", f"bind.pairs={tuples}", *one_space)
+    train(compose_cfg("stage=bind", "space=clap", *QUICK_BIND, *common, shared_data=False))
+    train(compose_cfg("stage=route", "route.epochs=1", "route.batch_size=256", *common,
+                      shared_data=False))  # fmt: skip
+    model = OmniModel.load(tmp_path / "omni" / "small" / "routed")
+    assert model.meta["groups"] == {"audio": ["clap"], "text": ["clap"]}
+    assert model.meta["tuples_sha256"] == file_sha256(tuples)
+    assert (tmp_path / "projected" / "unpaired" / "clap@omni" / "audio").is_dir()
+    assert not (tmp_path / "projected" / "pool").exists()
+
+
+# ------------------------------------------------------------------------ offline by default
+
+
+def test_search_cli_without_network_fails_at_once_naming_the_missing_files(tmp_path: Path) -> None:
+    """HF_HUB_OFFLINE unset: the CLI looks on disk only, and says what is missing and why."""
+    # text_model_dir null: its tokenizer is roberta-base's, from the Hub (not on disk here).
+    encoder = {"_target_": "encoders.clap.ClapEncoder", "amodel": "HTSAT-tiny", "checkpoint": None,
+               "text_model_dir": None}  # fmt: skip
+    meta = dict(
+        variant="tiny", kind="routed", anchor="anchor",
+        groups={"audio": ["clap"], "text": ["clap", "anchor"]},
+        predictors={"audio": ["clap"], "text": ["clap"]},
+        predictor_dims={"audio": 512, "text": 512}, scales={"audio": 1.0, "text": 10.0},
+        spaces={"clap": dict(space="clap", anchor="anchor", dims={"audio": 512, "text": 512},
+                             out_dim=16, hidden_dim=8, experts=["mix"], renormalize=False)},
+        encoders={"clap": {"encoder": encoder, "dims": {"audio": 512, "text": 512}}},
+    )  # fmt: skip
+    export = OmniModel(meta).save(tmp_path / "omni")
+    gallery = tmp_path / "gallery"
+    writer = CacheWriter(gallery, space="omni", modality="audio", dim=16, dtype="float32")
+    writer.append(np.eye(4, 16, dtype=np.float32), np.arange(4))
+    writer.close(dataset="d")
+    drop = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "WANDB_SERVICE")
+    env = {k: v for k, v in os.environ.items() if k not in drop}
+    env |= {"HF_HOME": str(tmp_path / "hf"), "PYTHONPATH": str(REPO), "WANDB_MODE": "offline"}
+    cmd = [sys.executable, "-m", "lightning_modules.inference", "search", "--model", str(export),
+           "--root", str(tmp_path), "--gallery", str(gallery), "--text", "a dog barks"]  # fmt: skip
+    start = time.monotonic()
+    done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=30)
+    assert time.monotonic() - start < 30
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert "Traceback" not in done.stderr
+    error = done.stderr.strip().splitlines()[-1]
+    assert error.startswith("error: the encoder of space 'clap': 'roberta-base'"), error
+    assert "is not on disk and HF_HUB_OFFLINE=1" in error and "HF_HUB_OFFLINE=0" in error
+
+
+# ------------------------------------------------------------------------ errors to act on
+
+
+def test_blank_captions_are_refused_as_empty_ones(tmp_path: Path) -> None:
+    spec = {"provenance": "image"}
+    for rows, blank in (([{"text": "a dog"}, {"text": ""}], 1),
+                        ([{"text": "a dog"}, {"text": "  \t"}], 1),
+                        (["a dog", " ", "a cat"], 1)):  # fmt: skip
+        source = tmp_path / "captions.json"
+        source.write_text(json.dumps(rows))
+        with pytest.raises(RawDataError, match=rf"\(row {blank}\): record has no text or caption"):
+            list_items("text", {**spec, "source": str(source)}, "data.datasets.pool.text")
+    source.write_text(json.dumps([{"text": "a dog"}, {"text": " a cat "}]))
+    assert list_items("text", {**spec, "source": str(source)}).sources == ["a dog", " a cat "]
+
+
+def test_a_failed_extraction_that_wrote_nothing_blocks_no_rerun(tmp_path: Path) -> None:
+    """The encoder fails to build after the caches were prepared; the corrected rerun runs."""
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(2):
+        Image.fromarray(np.full((8, 8, 3), 60 * i, np.uint8)).save(images / f"item_{i}.png")
+    base = ["stage=extract", "space=tiny_clip", "data=demo_raw", "trainer=cpu", "logger=none",
+            "extract.num_workers=0", f"paths.output_dir={tmp_path}", "data.generate=null",
+            "data.benchmarks=[]", f"+data.datasets.few={{image: {{source: '{images}'}}}}",
+            "extract.datasets=[few]"]  # fmt: skip
+    bad = compose_config([*base, f"space.encoder.pretrained={tmp_path / 'no_such.pt'}"])
+    cache = cache_dir(bad.data.root, "few", "tiny_clip", "image")
+    with pytest.raises(Exception, match="no_such.pt"):
+        extract(bad)
+    assert not cache.exists()
+    assert extract(compose_config(base)) == 2
+
+
+def test_search_names_each_hit_s_file_and_class(tmp_path: Path, capsys) -> None:
+    """A gallery of an extracted cache: hits print as their source file and class name."""
+    meta = dict(
+        variant="tiny", kind="routed", anchor="anchor", groups={"image": ["sp"]},
+        predictors={"image": ["sp"]}, predictor_dims={"image": 8}, scales={"image": 1.0},
+        spaces={"sp": dict(space="sp", anchor="anchor", dims={"image": 8}, out_dim=16,
+                           hidden_dim=8, experts=["mix"], renormalize=False)},
+    )  # fmt: skip
+    torch.manual_seed(0)
+    export = OmniModel(meta).eval().save(tmp_path / "omni")
+    source = cache_dir(tmp_path, "shelf", "sp", "image")
+    writer = CacheWriter(source, space="sp", modality="image", dim=8)
+    ids = np.array([0, 2, 3])  # item 1 failed to extract: rows are not ids
+    x = np.random.default_rng(0).standard_normal((3, 8)).astype(np.float32)
+    writer.append(x / np.linalg.norm(x, axis=1, keepdims=True), ids, labels=np.array([1, 0, 1]))
+    writer.close(dataset="shelf")
+    files = [f"/photos/{name}.png" for name in ("cup_a", "bad", "ball_b", "cup_c")]
+    items = dict(keys=["a", "b", "c", "d"], sources=files, classes=["ball", "cup"])
+    (source / "items.json").write_text(json.dumps(items))
+    common = ["--model", str(export), "--root", str(tmp_path)]
+    gallery = str(tmp_path / "gallery")
+    assert main(["index", *common, "--dataset", "shelf", "--modality", "image",
+                 "--out", gallery]) == 0  # fmt: skip
+    capsys.readouterr()
+    assert main(["search", *common, "--gallery", gallery, "--query", "shelf:image:2"]) == 0
+    printed = capsys.readouterr().out
+    assert "query shelf:image:2 (weight 1.0): /photos/cup_c.png (cup) id=3 labels=1" in printed
+    for name, label in (("cup_a", "cup"), ("ball_b", "ball"), ("cup_c", "cup")):
+        assert f"/photos/{name}.png ({label})" in printed
+    assert "/photos/bad.png" not in printed
