@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The GPU check (issue 15): one prepared run of < 8 minutes on one GPU that appends its numbers,
-# with the device name, to bench/RESULTS.md. Run from the repository root:
-#     bash bench/gpu_check.sh            # everything
+# The GPU check (issues 15 and 22): prepared runs of < 8 minutes each on one GPU that append their
+# numbers, with the device name, to bench/RESULTS.md. Run from the repository root:
+#     bash bench/gpu_check.sh                          # issue 15's parts (the default PARTS)
+#     PARTS="families zero3" bash bench/gpu_check.sh   # issue 22's: each family at full size
 #     PARTS="search extract" bash bench/gpu_check.sh
 # Parts (each under its own timeout; a failed part is recorded as failed and the rest go on):
 #   train     bind (clap) and route epochs in bf16-mixed on data=world_medium (bench/stage_costs.py)
@@ -9,6 +10,11 @@
 #   extract   extract throughput, random open_clip ViT-L-14, bf16, vs a bare loop (gpu_extract.py)
 #   deepspeed ZeRO-3 inference of the largest random open_clip model that fits (gpu_deepspeed.py)
 #   ddp       bind on 2 GPUs with DDP and global negatives, only when the machine has 2 or more
+#   families  extract throughput of wavcaps (audio), imagebind (audio, image), uni3d (point),
+#             eva02_e (image) and clap (audio) at full size, random weights, bf16, vs a bare loop
+#             (gpu_extract.py --families)
+#   zero3     extract of EVA-CLIP-18B (encoders.eva_clip's 18B preset, random weights) under
+#             trainer=deepspeed_infer (ZeRO-3) vs the plain bf16 module (gpu_extract.py --zero3)
 # Nothing in CI runs this; every part's script answers --help on a CPU.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -59,6 +65,10 @@ for p in $PARTS; do
       part extract 80 python bench/gpu_extract.py --model ViT-L-14 --images 1024 ;;
     deepspeed)
       part deepspeed 80 python bench/gpu_deepspeed.py ;;
+    families)
+      part families 300 python bench/gpu_extract.py --families --items 512 --repeats 1 ;;
+    zero3)
+      part zero3 240 python bench/gpu_extract.py --zero3 --items 256 --repeats 1 ;;
     ddp)
       if [ "$NGPU" -ge 2 ]; then
         part ddp 150 python train.py stage=bind space=clap $MEDIUM trainer=ddp trainer.devices=2 \
