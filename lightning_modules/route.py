@@ -83,6 +83,7 @@ def variant_layout(cfg: DictConfig) -> dict:
         predictors[m] = preds
         predictor_dims[m] = sum(int(spaces[p].dims[m]) for p in preds)
     specialty = {s: spaces[s].text_specialty for s in names} | {anchor.name: anchor.text_specialty}
+    specialty |= {s: p for s, p in (cfg.route.get("specialty") or {}).items() if s in specialty}
     return dict(
         spaces=spaces,
         groups=groups,

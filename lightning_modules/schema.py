@@ -156,6 +156,7 @@ class Route:
     fixed_lr: Float
     weight_decay: Float
     train: list[Modality] | None
+    specialty: dict[Str, Provenance]
     align: Literal["all", "leave_retriever_out"]
     bound_dir: Str
     export_dir: Str

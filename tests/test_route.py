@@ -184,7 +184,8 @@ def test_pipeline_end_to_end_on_a_small_world(small_world: Path, compose_cfg, tm
 
     # A rerun skips every finished stage; a changed route setting reruns only the routes (from
     # here on only `routed`, to keep the test short).
-    overrides += ["~pipeline.routes.fixed", "~pipeline.routes.routed_l0"]
+    overrides += ["~pipeline.routes.fixed", "~pipeline.routes.routed_l0",
+                  "~pipeline.routes.routed_paper"]  # fmt: skip
     export = tmp_path / "omni" / "small" / "routed" / "omni.safetensors"
     bound = tmp_path / "bound" / "clap" / "projectors.safetensors"
     before = (export.stat().st_mtime_ns, bound.stat().st_mtime_ns)
@@ -195,11 +196,11 @@ def test_pipeline_end_to_end_on_a_small_world(small_world: Path, compose_cfg, tm
     assert bound.stat().st_mtime_ns == before[1]
     # The routes read the spaces' configs (L_dec's labels): editing one reruns them, not clap's.
     routed = export.stat().st_mtime_ns
-    specialty = "variant.spaces.uni3d.text_specialty=image"
+    specialty = "variant.spaces.clap.text_specialty=image"
     train(compose_cfg("stage=pipeline", *overrides, "route.lr=0.002", specialty))
     assert export.stat().st_mtime_ns != routed
     assert bound.stat().st_mtime_ns == before[1]
-    assert OmniModel.load(export.parent).meta["specialty"]["uni3d"] == "image"
+    assert OmniModel.load(export.parent).meta["specialty"]["clap"] == "image"
 
 
 def test_route_names_the_bind_command_for_an_unbound_space(small_world: Path, compose_cfg) -> None:
@@ -343,8 +344,8 @@ def test_routing_learns_and_no_export_validates_below_its_start(
     broken router. `wrecked` (lr 50) validates below its start every epoch, so it exports the
     start: its test scores are average's.
     """
-    routes = ("+pipeline.routes={routed:{},frozen:{route.lr:0.0,route.fixed_lr:0.0},"
-              "wrecked:{route.lr:50.0}}")  # fmt: skip
+    routes = ("+pipeline.routes={routed:{route.train:null,route.scales.text:10.0},"
+              "frozen:{route.lr:0.0,route.fixed_lr:0.0},wrecked:{route.lr:50.0}}")  # fmt: skip
     cfg = compose_cfg("stage=pipeline", *SMALL_VARIANT, "bind.pairs=oracle", "bind.epochs=2",
                       "bind.hidden_dim=64", "bind.batch_size=256", "route.epochs=3",
                       "route.batch_size=256", "~pipeline.routes", routes)  # fmt: skip
