@@ -51,11 +51,15 @@ class ExtractModule(L.LightningModule):
     """Wraps a frozen encoder for `predict`: a batch of one modality -> unit embeddings."""
 
     def __init__(
-        self, encoder_cfg: Mapping, dims: Mapping[str, int], encoder: Encoder | None = None
+        self,
+        encoder_cfg: Mapping,
+        dims: Mapping[str, int],
+        encoder: Encoder | None = None,
+        space: str | None = None,
     ) -> None:
         super().__init__()
         self.encoder_cfg, self.dims = dict(encoder_cfg), dict(dims)
-        self.encoder = encoder
+        self.encoder, self.space = encoder, space
 
     def configure_model(self) -> None:
         """Build the encoder here, so that under ZeRO-3 it is created already partitioned."""
@@ -65,8 +69,13 @@ class ExtractModule(L.LightningModule):
         cfg = dict(self.encoder_cfg)
         if zero3 and "precision" in cfg:
             cfg["precision"] = "fp32"  # DeepSpeed's bf16 config casts the partitions itself
-        with hub_files(f"encoder {cfg.get('_target_')}"):
-            self.encoder = build_encoder(cfg, self.dims, load_weights=not zero3)
+        try:
+            with hub_files(f"encoder {cfg.get('_target_')}"):
+                self.encoder = build_encoder(cfg, self.dims, load_weights=not zero3)
+        except (FileNotFoundError, ValueError) as e:  # a checkpoint's error names key and file
+            if not self.space:
+                raise
+            raise type(e)(f"space {self.space!r}: {e}") from e
         if zero3:
             state = self.encoder.pretrained_state_dict() if self.trainer.is_global_zero else None
             load_gathered(self.encoder, state)
@@ -298,7 +307,8 @@ def run(cfg: DictConfig) -> int:
     with discard_if_empty(jobs, trainer), warnings.catch_warnings():
         # Lightning cannot see that ChunkBatchSampler yields every index; it does.
         warnings.filterwarnings("ignore", message=".*custom batch sampler.*")
-        trainer.predict(ExtractModule(encoder_cfg, dims), datamodule=dm, return_predictions=False)
+        module = ExtractModule(encoder_cfg, dims, space=cfg.space.name)
+        trainer.predict(module, datamodule=dm, return_predictions=False)
     if not dm.finished:  # nothing was left to embed, so no predict hook ran
         dm.finish(trainer)
     if trainer.is_global_zero:

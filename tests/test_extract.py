@@ -500,3 +500,23 @@ def test_tiny_clap_extracts_the_demo_audio_and_text(tmp_path: Path, demo: Path) 
     np.testing.assert_allclose(
         audio.load(), encoder.encode({"audio": waves})["audio"].numpy(), atol=2e-3
     )
+
+
+def test_missing_or_wrong_checkpoint_names_the_space_key_and_file(
+    tmp_path: Path, demo: Path
+) -> None:
+    """A real space whose checkpoint is absent, or of another family, stops the extraction with
+    the space, the config key and the file (and the first mismatched key); nothing is written."""
+    cfg = extract_cfg(tmp_path, demo, "space=imagebind", "extract.datasets=[test]",
+                      "extract.modalities=[image]")  # fmt: skip
+    with pytest.raises(FileNotFoundError,
+                       match=r"space 'imagebind': encoder.checkpoint /path/to/imagebind_huge.pth"):
+        run(cfg)  # fmt: skip
+    wrong = tmp_path / "clip.pt"
+    torch.save({"visual.proj": torch.zeros(4, 4)}, wrong)
+    cfg = extract_cfg(tmp_path, demo, "space=imagebind", "extract.datasets=[test]",
+                      "extract.modalities=[image]",
+                      f"space.encoder.checkpoint={wrong}")  # fmt: skip
+    with pytest.raises(ValueError, match=rf"space 'imagebind': .*{wrong}.*modality_"):
+        run(cfg)
+    assert not (Path(cfg.data.root) / "test" / "imagebind" / "image").exists()
