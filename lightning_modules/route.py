@@ -207,10 +207,8 @@ class RouteModule(L.LightningModule):
         if align_mode == "leave_retriever_out":
             if not links:
                 raise ValueError("route.align=leave_retriever_out needs the tuples' `links`")
-            masks = leave_out_masks(links, groups)
-            self.leave_out_pairs = list(masks)
-            for i, mask in enumerate(masks.values()):  # buffers: they follow the module's device
-                self.register_buffer(f"_leave_out_{i}", mask, persistent=False)
+            for (a, b), mask in leave_out_masks(links, groups).items():  # follow the device
+                self.register_buffer(f"leave_out_{a}_{b}", mask, persistent=False)
         self.val_pairs = [(a, b) for a, b in PAIRS if a in groups and b in groups]
         self.recall = direction_metrics(self.val_pairs)
         self.val_loss = MeanMetric()
@@ -250,8 +248,7 @@ class RouteModule(L.LightningModule):
 
     def _leave_out_mask(self, pair: tuple[str, str], start: torch.Tensor) -> dict:
         """{modality: (batch, groups) bool}: the groups to leave out of each row's pair term."""
-        index = self.leave_out_pairs.index(pair)
-        mask = getattr(self, f"_leave_out_{index}")  # (starts, groups of a + groups of b)
+        mask = getattr(self, f"leave_out_{pair[0]}_{pair[1]}")  # (starts, groups of a and b)
         n = len(self.model.meta["groups"][pair[0]])
         rows = mask[start]
         return {pair[0]: rows[:, :n], pair[1]: rows[:, n:]}
