@@ -86,9 +86,11 @@ OFFICIAL_G_PARAMS = 1_017_358_057
 
 @pytest.fixture(scope="module")
 def tiny():
+    """The tiny Uni3D point tower: the point part of space tiny_uni3d (encoders/composite.py)."""
     cfg = compose_config(["space=tiny_uni3d"])
-    enc_cfg = OmegaConf.to_container(cfg.space.encoder, resolve=True)
-    return build_encoder(enc_cfg, dict(cfg.space.dims)), enc_cfg, dict(cfg.space.dims)
+    enc_cfg = OmegaConf.to_container(cfg.space.encoder, resolve=True)["parts"][0]["encoder"]
+    dims = {"point": int(cfg.space.dims.point)}
+    return build_encoder(enc_cfg, dims), enc_cfg, dims
 
 
 @pytest.fixture(scope="module")

@@ -188,8 +188,10 @@ def test_precomputed_imagebind_joins_its_dumped_tracks(tmp_path: Path) -> None:
     np.save(dump / "audio.npy", audio[::2])
     (dump / "audio.ids.json").write_text(json.dumps(heard))
     unit = lambda x: x / np.linalg.norm(x, axis=1, keepdims=True)  # noqa: E731
-    base = ["stage=extract", "space=imagebind", "data=demo_raw", "trainer=cpu", "logger=none",
-            f"data.source={demo}", f"space.encoder.path={dump.parent}", "extract.dtype=float32",
+    dumped = f"{{_target_:encoders.precomputed.PrecomputedEncoder,path:{dump.parent}}}"
+    base = ["stage=extract", "space=imagebind", "data=demo_raw", "~space.encoder",
+            f"+space.encoder={dumped}", "trainer=cpu", "logger=none",  # ImageBind's own dumps
+            f"data.source={demo}", "extract.dtype=float32",
             "extract.datasets=[video]", "extract.modalities=[image]",
             "data.benchmarks=[]"]  # fmt: skip
     off = compose_config([*base, f"paths.output_dir={tmp_path / 'off'}"])
