@@ -11,7 +11,10 @@ An encoder is split in two so that DataLoader workers never hold model weights:
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Mapping, Sequence
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -158,3 +161,23 @@ def seeded(seed: int | None) -> Iterator[None]:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(int(seed))
         yield
+
+
+def write_folder_once(directory: str | Path, write: Callable[[Path], None]) -> Path:
+    """`directory`, filled by write(folder) in a temporary sibling renamed into place unless it
+    already holds a config.json: a crash leaves no half folder, and concurrent writers agree."""
+    directory = Path(directory)
+    if (directory / "config.json").exists():
+        return directory
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}."))
+    try:
+        write(tmp)
+        try:
+            tmp.rename(directory)
+        except OSError:  # another process wrote it first
+            if not (directory / "config.json").exists():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return directory

@@ -18,8 +18,6 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import json
-import shutil
-import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -27,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from encoders.base import Encoder, Processor, param_dtype, seeded
+from encoders.base import Encoder, Processor, param_dtype, seeded, write_folder_once
 
 MODALITIES = ("audio", "text")
 CONTEXT = 77  # laion_clap's tokenizer max_length
@@ -57,12 +55,7 @@ def ensure_tiny_text_model(directory: str | Path) -> Path:
     from tokenizers.pre_tokenizers import ByteLevel
     from transformers import RobertaConfig, RobertaTokenizer
 
-    directory = Path(directory)
-    if (directory / "config.json").exists():
-        return directory
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}."))
-    try:
+    def write(tmp: Path) -> None:
         vocab = {"<s>": 0, "<pad>": 1, "</s>": 2, "<unk>": 3}
         for char in sorted(ByteLevel.alphabet()):
             vocab[char] = len(vocab)
@@ -75,14 +68,8 @@ def ensure_tiny_text_model(directory: str | Path) -> Path:
             intermediate_size=256, max_position_embeddings=CONTEXT + 3, type_vocab_size=1,
             pad_token_id=1, bos_token_id=0, eos_token_id=2,
         ).save_pretrained(tmp)  # fmt: skip
-        try:
-            tmp.rename(directory)
-        except OSError:  # another process wrote it first
-            if not (directory / "config.json").exists():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return directory
+
+    return write_folder_once(directory, write)
 
 
 def _text_source(text_model_dir: str | None, tiny_text: bool) -> str:

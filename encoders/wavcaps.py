@@ -23,9 +23,7 @@ release), tokenised padding to the batch's longest, truncated at 30 tokens.
 
 from __future__ import annotations
 
-import shutil
 import string
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import SimpleNamespace
@@ -35,7 +33,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from encoders.base import Encoder, Processor, param_dtype, seeded
+from encoders.base import Encoder, Processor, param_dtype, seeded, write_folder_once
 
 if TYPE_CHECKING:
     from transformers import BertConfig
@@ -68,12 +66,7 @@ def ensure_tiny_text_model(directory: str | Path) -> Path:
     """
     from transformers import BertConfig, BertTokenizer
 
-    directory = Path(directory)
-    if (directory / "config.json").exists():
-        return directory
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}."))
-    try:
+    def write(tmp: Path) -> None:
         chars = string.ascii_lowercase + string.digits + string.punctuation
         vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *chars, *(f"##{c}" for c in chars)]
         (tmp / "vocab.txt").write_text("\n".join(vocab) + "\n")
@@ -82,14 +75,8 @@ def ensure_tiny_text_model(directory: str | Path) -> Path:
             vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
             intermediate_size=64, max_position_embeddings=64, pad_token_id=0,
         ).save_pretrained(tmp)  # fmt: skip
-        try:
-            tmp.rename(directory)
-        except OSError:  # another process wrote it first
-            if not (directory / "config.json").exists():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return directory
+
+    return write_folder_once(directory, write)
 
 
 def _text_source(text_model_dir: str | None, tiny: bool) -> str:
