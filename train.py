@@ -8,7 +8,7 @@ import re
 import sys
 
 # First, before `lightning` imports huggingface_hub: it sets the offline default (see there).
-import lightning_modules.config  # noqa: F401
+import lightning_modules.runtime.config  # noqa: F401
 
 # isort: split
 import hydra
@@ -17,7 +17,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from lightning_modules.schema import validate
+from lightning_modules.runtime.schema import validate
 
 # Overrides that say how a job runs, not what it trains: they do not name a multirun job.
 OPERATIONAL = ("resume", "force", "run_name", "logger", "trainer", "paths", "hydra")

@@ -39,9 +39,9 @@ from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
 from datamodules.embeddings import EmbeddingDataModule  # noqa: E402
-from lightning_modules.bind import BindModule  # noqa: E402
-from lightning_modules.config import CONF_DIR, ensure_data, to_plain  # noqa: E402
-from lightning_modules.training import make_trainer
+from lightning_modules.runtime.config import CONF_DIR, ensure_data, to_plain  # noqa: E402
+from lightning_modules.runtime.training import make_trainer
+from lightning_modules.stages.bind import BindModule  # noqa: E402
 
 
 class StepTimer(Callback):

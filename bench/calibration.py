@@ -3,7 +3,7 @@
     python bench/calibration.py [--quick] [--spaces a,b,...] [--fit] [--no-write] [data overrides]
 
 For each (space, benchmark) row of TARGETS, a paired set of the benchmark's gallery size is drawn
-from the world's test concepts (`datamodules.world.benchmark_set`: AudioCaps 975 clips x 5
+from the world's test concepts (`datamodules.synthetic.world.benchmark_set`: AudioCaps 975 clips x 5
 captions, Clotho 1,045 x 5, COCO 5,000 images x 5 captions, Objaverse 3D-image point clouds with
 their renders), embedded by the space's stand-in encoder, and R@1 is measured both ways with the
 semantics of the project's metric (`recall_at_k`: text->item has one positive per caption;
@@ -46,7 +46,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 from hydra import compose, initialize_config_dir  # noqa: E402
 
-from datamodules.world import World, _partner_view, _rng, _view_key, benchmark_set  # noqa: E402
+from datamodules.synthetic.world import World, _partner_view, _rng, _view_key, benchmark_set  # noqa: E402
 
 TOLERANCE = 10.0  # points of R@1 (%)
 

@@ -37,8 +37,8 @@ from rich.table import Table  # noqa: E402
 from torch.utils.data import DataLoader, Dataset  # noqa: E402
 
 from datamodules.embeddings import EmbeddingDataModule, load_embeddings  # noqa: E402
-from datamodules.world import ensure_world  # noqa: E402
-from lightning_modules.config import CONF_DIR, space_configs  # noqa: E402
+from datamodules.synthetic.world import ensure_world  # noqa: E402
+from lightning_modules.runtime.config import CONF_DIR, space_configs  # noqa: E402
 
 SPACES = ("clap", "eva_clip_18b")  # an audio-text source space and the anchor: 4 arrays per row
 

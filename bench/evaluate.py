@@ -2,7 +2,7 @@
 
     python bench/evaluate.py [--quick] [--dim 1536]
 
-Ours is `lightning_modules.metrics.recall_at_k` (query chunks of 1024 rows: one matmul, a gather
+Ours is `lightning_modules.evaluation.metrics.recall_at_k` (query chunks of 1024 rows: one matmul, a gather
 of the positives, a top-K; never the whole score matrix). The references materialise the whole
 (n, n) score matrix, so they run at a size where it fits:
 - clip_benchmark: LAION CLIP_benchmark's recipe: full scores and a dense positive mask, then a
@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from lightning_modules.metrics import recall_at_k  # noqa: E402
+from lightning_modules.evaluation.metrics import recall_at_k  # noqa: E402
 
 KS = (1, 5)
 

@@ -16,7 +16,7 @@ on each modality it embeds from raw files (all but text unless `--modalities` na
 `--set` adds Hydra overrides (e.g. `--space eva_clip_18b --set space.encoder.size=tiny ...`).
 `--families` times the tiny smoke space of every encoder family in one run (FAMILIES below).
 Per row:
-- ours:  the extract stage, `lightning_modules.extract.run(cfg)`: Lightning predict over
+- ours:  the extract stage, `lightning_modules.stages.extract.run(cfg)`: Lightning predict over
          RawDataModule, the CacheShardWriter writing float16 shards, the manifest at the end;
 - bare:  the same encoder built the same way, called in a plain `for batch in loader` loop on the
          same DataLoader (same dataset, load settings, batches, collate and workers), writing
@@ -63,9 +63,9 @@ from datamodules.extraction import (  # noqa: E402
 )
 from encoders import build_encoder, build_processor  # noqa: E402
 from encoders.base import Encoder  # noqa: E402
-from lightning_modules.config import CONF_DIR, to_plain  # noqa: E402
-from lightning_modules.extract import run  # noqa: E402
-from lightning_modules.extract_plan import plan  # noqa: E402
+from lightning_modules.runtime.config import CONF_DIR, to_plain  # noqa: E402
+from lightning_modules.stages.extract import run  # noqa: E402
+from lightning_modules.stages.extract_plan import plan  # noqa: E402
 
 
 @dataclass(frozen=True)

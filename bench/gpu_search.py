@@ -49,7 +49,7 @@ def main() -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from lightning_modules.search import search_torch
+    from lightning_modules.pairing.search import search_torch
 
     if not torch.cuda.is_available():
         sys.exit("gpu_search: needs a CUDA device (torch.cuda.is_available() is False)")

@@ -3,7 +3,7 @@
     python bench/pair_retrieval.py [--quick] [--threads N]
 
 Throughput: top-1 of every query row over the gallery, L2-normalised float32 rows. Ours is
-`lightning_modules.search.search` with the configured block sizes (conf/config.yaml pair.chunk,
+`lightning_modules.pairing.search.search` with the configured block sizes (conf/config.yaml pair.chunk,
 pair.gallery_chunk); the reference is faiss IndexFlatIP holding the whole gallery (its best case;
 the time to add rows to the index is not counted). Both use the same number of threads and run
 `--repeats` times, back to back, so that a busy spell on a shared machine hits both alike.
@@ -37,7 +37,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
-from lightning_modules.search import search  # noqa: E402
+from lightning_modules.pairing.search import search  # noqa: E402
 
 PAIR = OmegaConf.load(REPO / "conf" / "config.yaml").pair
 SIZES = {  # (queries, gallery, dim) for throughput; gallery rows for memory (queries, dim fixed)

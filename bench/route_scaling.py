@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from encoders.modalities import MODALITIES, PROVENANCES
-from lightning_modules.route import PROJECTED, RouteModule
+from lightning_modules.stages.route import PROJECTED, RouteModule
 
 torch.set_num_threads(2)
 

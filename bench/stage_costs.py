@@ -50,7 +50,7 @@ def compose(overrides: list[str]):
 
 def make_world(overrides: list[str]) -> None:
     """Write the world's caches for the variant's spaces and the anchor (the child of `world`)."""
-    from lightning_modules.config import ensure_data
+    from lightning_modules.runtime.config import ensure_data
 
     cfg = compose(overrides)
     ensure_data(cfg, [*cfg.variant.spaces, cfg.anchor.name])

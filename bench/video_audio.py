@@ -4,7 +4,7 @@
 
 For each world seed (`data.seed`), the world's `test_video_text` set (data=world_v2 by default:
 1,000 videos of 200 held-out concepts, 4 frames each, one caption each) is embedded by ImageBind's
-stand-in encoder exactly as the world writes its caches (`datamodules.world.embed`, stored at
+stand-in encoder exactly as the world writes its caches (`datamodules.synthetic.world.embed`, stored at
 `data.dtype`), once with frames only and once per audio weight w with `video.audio_track` on
 (the audio track joins the frame mean: normalize((1 - w) v + w a), encoders/video.py). Only
 videos of concepts that make a sound have a track (world_v2: about half). R@1 both ways is the
@@ -34,8 +34,8 @@ from hydra import compose, initialize_config_dir  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 from scipy import stats  # noqa: E402
 
-from datamodules.world import World, _video, embed  # noqa: E402
-from lightning_modules.metrics import recall_at_k  # noqa: E402
+from datamodules.synthetic.world import World, _video, embed  # noqa: E402
+from lightning_modules.evaluation.metrics import recall_at_k  # noqa: E402
 
 SPACE, DATASET = "imagebind", "test_video_text"
 

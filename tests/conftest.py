@@ -61,8 +61,8 @@ def world_cfg(tmp_path_factory: pytest.TempPathFactory) -> DictConfig:
 @pytest.fixture(scope="session")
 def small_world(world_cfg: DictConfig) -> Path:
     """Root of the shared small world, written once per session for WORLD_SPACES. Read-only."""
-    from datamodules.world import ensure_world
-    from lightning_modules.config import space_configs
+    from datamodules.synthetic.world import ensure_world
+    from lightning_modules.runtime.config import space_configs
 
     return ensure_world(world_cfg.data, space_configs(WORLD_SPACES))
 

@@ -17,7 +17,9 @@ import torch.nn.functional as F
 from datamodules.cache import CacheError
 from datamodules.embeddings import EmbeddingDataModule
 from datamodules.tuples import load_tuples
-from lightning_modules.bind import (
+from lightning_modules.omni.layers import Projector, ProjectorMixture
+from lightning_modules.omni.losses import info_nce
+from lightning_modules.stages.bind import (
     EXPORT_META,
     EXPORT_WEIGHTS,
     BindModule,
@@ -26,8 +28,6 @@ from lightning_modules.bind import (
     load_bound_space,
     retrieval_sides,
 )
-from lightning_modules.losses import info_nce
-from lightning_modules.models import Projector, ProjectorMixture
 from train import train
 
 # 2 epochs of 15 steps: enough to bind, a few seconds on one core.

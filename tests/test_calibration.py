@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lightning_modules.metrics import recall_at_k
+from lightning_modules.evaluation.metrics import recall_at_k
 
 REPO = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("calibration", REPO / "bench" / "calibration.py")

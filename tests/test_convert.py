@@ -12,9 +12,9 @@ import torch.nn.functional as F
 from conftest import compose_config
 
 from datamodules.cache import CacheError
-from lightning_modules.convert import convert_state_dict, load_checkpoint
 from lightning_modules.inference import OmniBind
-from lightning_modules.omni import OmniModel
+from lightning_modules.omni.model import OmniModel
+from lightning_modules.stages.convert import convert_state_dict, load_checkpoint
 from train import train
 
 HIDDEN = 32  # the release's projectors are 2048 wide; the converter reads the width

@@ -11,8 +11,8 @@ import torch
 from conftest import compose_config
 from omegaconf import OmegaConf
 
-from datamodules.demo_raw import ensure_demo_raw
 from datamodules.items import list_items
+from datamodules.synthetic.demo_raw import ensure_demo_raw
 from encoders import build_encoder, build_processor
 from encoders.precomputed import DumpError, PrecomputedEncoder, load_dump, match_rows
 from encoders.readers import LoadSettings, load_audio, load_frames, load_image

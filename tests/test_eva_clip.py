@@ -257,7 +257,7 @@ def test_every_parameter_owner_runs_its_forward(tiny) -> None:
 def test_zero3_path_builds_empty_then_loads_the_folder(tiny) -> None:
     """configure_model under ZeRO-3 (on CPU its gathers are no-ops): load_weights=False, then rank
     0's pretrained_state_dict() streamed in, strictly keyed."""
-    from lightning_modules.extract import ExtractModule
+    from lightning_modules.stages.extract import ExtractModule
 
     encoder, folder = tiny
     enc_cfg = {"_target_": "encoders.eva_clip.EvaClip18BEncoder", "checkpoint": str(folder),
@@ -283,7 +283,7 @@ sys.path.insert(0, {repo!r})
 os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="29517", RANK="0", WORLD_SIZE="1",
                   LOCAL_RANK="0")
 from encoders.eva_clip import EvaClip18BEncoder
-from lightning_modules.extract import load_gathered
+from lightning_modules.stages.extract import load_gathered
 dist.init_process_group("gloo")
 dims, kwargs = {{"image": 32, "text": 32}}, dict(checkpoint={folder!r}, size="tiny")
 # As trainer=deepspeed_infer runs it: bf16 partitions, the encoder built with precision fp32.

@@ -13,14 +13,14 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 
 from datamodules.cache import CacheError, CacheWriter, EmbeddingCache, cache_dir
-from lightning_modules.benchmarks import load_benchmarks, prompt_sets, zeroshot_prompts
-from lightning_modules.bind import BindModule, export_bound_space, load_bound_space
-from lightning_modules.config import space_configs
-from lightning_modules.methods import make_method
-from lightning_modules.metrics import recall_at_k
-from lightning_modules.omni import OmniModel
-from lightning_modules.results import compact_summary
-from lightning_modules.scoring import evaluate_method
+from lightning_modules.evaluation.benchmarks import load_benchmarks, prompt_sets, zeroshot_prompts
+from lightning_modules.evaluation.methods import make_method
+from lightning_modules.evaluation.metrics import recall_at_k
+from lightning_modules.evaluation.reports import compact_summary
+from lightning_modules.evaluation.scoring import evaluate_method
+from lightning_modules.omni.model import OmniModel
+from lightning_modules.runtime.config import space_configs
+from lightning_modules.stages.bind import BindModule, export_bound_space, load_bound_space
 from train import train
 
 DIM = 512  # clap's dim: the hand-made benchmarks are "clap" caches

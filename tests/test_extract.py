@@ -17,10 +17,10 @@ from conftest import REPO, compose_config
 from omegaconf import OmegaConf
 
 from datamodules.cache import CacheError, EmbeddingCache, cache_dir
-from datamodules.demo_raw import CLASSES, COUNTS, ensure_demo_raw, write_ply
 from datamodules.extraction import RawDataModule, RawDataset
 from datamodules.items import Items, RawDataError, list_items
 from datamodules.jobs import ExtractJob
+from datamodules.synthetic.demo_raw import CLASSES, COUNTS, ensure_demo_raw, write_ply
 from encoders import build_encoder
 from encoders.base import Processor
 from encoders.modalities import PROVENANCES
@@ -33,7 +33,7 @@ from encoders.readers import (
     load_points,
     read_ply,
 )
-from lightning_modules.extract import ExtractModule, read_errors, run
+from lightning_modules.stages.extract import ExtractModule, read_errors, run
 
 POOL = {m: n * len(CLASSES) for m, n in COUNTS["pool"].items()}  # items per pool modality
 POOL["text"] = POOL["image"] + POOL["audio"] + POOL["point"]  # a caption per pool item
@@ -439,7 +439,7 @@ def test_zero3_model_path_builds_empty_then_streams_weights(tmp_path: Path, demo
     torch.testing.assert_close(
         module.encoder({"image": x})["image"], reference({"image": x})["image"]
     )
-    from lightning_modules.extract import load_gathered
+    from lightning_modules.stages.extract import load_gathered
 
     state = {f"model.{k}": v for k, v in reference.model.state_dict().items()}
     state.pop("model.logit_scale")

@@ -100,7 +100,7 @@ def test_base_tiny_runs_from_raw_files_with_no_dump(tmp_path: Path) -> None:
     before the run, so nothing can be imported from them."""
     import shutil
 
-    from datamodules.demo_raw import ensure_demo_raw
+    from datamodules.synthetic.demo_raw import ensure_demo_raw
 
     source = ensure_demo_raw(tmp_path / "data" / "raw" / "demo_raw")
     shutil.rmtree(source / "dumps")

@@ -209,7 +209,7 @@ sys.path.insert(0, {repo!r})
 os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="29516", RANK="0", WORLD_SIZE="1",
                   LOCAL_RANK="0")
 from encoders.hf_clip import HFClipEncoder
-from lightning_modules.extract import load_gathered
+from lightning_modules.stages.extract import load_gathered
 dist.init_process_group("gloo")
 dims, kwargs = {{"image": 32, "text": 32}}, dict(checkpoint={folder!r}, max_length=16)
 # As trainer=deepspeed_infer runs it: bf16 partitions, the encoder built with precision fp32.

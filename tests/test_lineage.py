@@ -1,4 +1,4 @@
-"""W&B lineage and tables (lightning_modules/lineage.py), offline, and the main job's console.
+"""W&B lineage and tables (lightning_modules/runtime/lineage.py), offline, and the main job's console.
 
 The pipeline test reads what the offline runs wrote (their `.wandb` transaction logs), so it
 checks what `wandb sync` would upload, not only which functions were called.
@@ -21,7 +21,7 @@ from conftest import SMALL_WORLD, compose_config
 from lightning.pytorch.loggers import CSVLogger
 from wandb.proto import wandb_internal_pb2 as pb
 
-from lightning_modules import lineage
+from lightning_modules.runtime import lineage
 from train import train
 
 # The main job at its smallest: one route run, no oracle upper bound, one epoch a stage.
@@ -237,7 +237,7 @@ def test_log_table_writes_csv_for_the_csv_logger(tmp_path: Path) -> None:
 def test_lightning_product_tips_are_silenced(tmp_path: Path) -> None:
     import lightning as L
 
-    import lightning_modules.training  # noqa: F401  (installs the filter)
+    import lightning_modules.runtime.training  # noqa: F401  (installs the filter)
 
     lines = io.StringIO()
     handler = logging.StreamHandler(lines)

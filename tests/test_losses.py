@@ -13,7 +13,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from lightning_modules.losses import alignment_loss, decoupling_loss, info_nce
+from lightning_modules.omni.losses import alignment_loss, decoupling_loss, info_nce
 
 MODALITIES = ("audio", "image", "point", "text")
 

@@ -12,7 +12,7 @@ from sklearn.metrics import average_precision_score, top_k_accuracy_score
 from torchmetrics.functional.classification import multiclass_accuracy
 from torchmetrics.retrieval import RetrievalHitRate
 
-from lightning_modules.metrics import (
+from lightning_modules.evaluation.metrics import (
     MeanAveragePrecision,
     RetrievalRecall,
     ZeroShotAccuracy,

@@ -25,15 +25,15 @@ from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig, open_dict
 from wandb.sdk.launch.sweeps.utils import create_sweep_command_args
 
-from lightning_modules import training
-from lightning_modules.bind import BindModule
-from lightning_modules.training import (
+from lightning_modules.runtime import training
+from lightning_modules.runtime.training import (
     WANDB_ID_FILE,
     check_compatible,
     make_logger,
     make_trainer,
     resume_checkpoint,
 )
+from lightning_modules.stages.bind import BindModule
 from train import job_run_name, train
 
 # 2,000 oracle tuples in batches of 256: 7 steps an epoch, about a second on one core.
@@ -152,7 +152,7 @@ def test_wandb_goes_offline_without_an_api_key(compose_cfg, monkeypatch, tmp_pat
     # The run is not started here: were detection wrong, it would go online.
     monkeypatch.setattr(WandbLogger, "log_hyperparams", lambda self, params: None)
     cfg = compose_cfg(*BIND, "logger=wandb")
-    with caplog.at_level(logging.WARNING, "lightning_modules.training"):
+    with caplog.at_level(logging.WARNING, "lightning_modules.runtime.training"):
         logger = make_logger(cfg)
     assert logger._wandb_init["mode"] == "offline"
     assert logger._wandb_init["project"] == "omnibind"
@@ -169,7 +169,7 @@ def test_wandb_goes_offline_without_an_api_key(compose_cfg, monkeypatch, tmp_pat
 
 def test_resume_without_a_checkpoint_starts_fresh(compose_cfg, caplog) -> None:
     cfg = compose_cfg(*BIND, "resume=true")
-    with caplog.at_level(logging.WARNING, "lightning_modules.training"):
+    with caplog.at_level(logging.WARNING, "lightning_modules.runtime.training"):
         assert resume_checkpoint(cfg) is None
     assert "does not exist: starting bind-clap fresh" in caplog.text
     assert resume_checkpoint(compose_cfg(*BIND)) is None  # resume=false never resumes
@@ -206,7 +206,7 @@ def test_resume_continues_the_run_and_its_wandb_run(wandb_run: dict, caplog) -> 
     wandb_id = (Path(cfg.run_dir) / WANDB_ID_FILE).read_text()
     with open_dict(cfg):
         cfg.resume, cfg.trainer.max_epochs = True, 3
-    with caplog.at_level(logging.INFO, "lightning_modules.training"):
+    with caplog.at_level(logging.INFO, "lightning_modules.runtime.training"):
         train(cfg)
     after = _ckpt(cfg.run_dir)
     assert (before["epoch"], after["epoch"]) == (1, 2)
@@ -419,7 +419,7 @@ import os, runpy, signal, sys
 import psutil
 sys.path.insert(0, {repo!r})
 import lightning as L
-import lightning_modules.training as training
+import lightning_modules.runtime.training as training
 
 
 class KillMidEpoch(L.Callback):
@@ -485,8 +485,8 @@ import torch
 torch.set_num_threads(1)
 from hydra import compose, initialize_config_dir
 from datamodules.embeddings import EmbeddingDataModule
-from lightning_modules.bind import BindModule
-from lightning_modules.training import make_trainer
+from lightning_modules.stages.bind import BindModule
+from lightning_modules.runtime.training import make_trainer
 
 overrides, checkpoint, world, out = json.loads(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
 with initialize_config_dir({conf!r}, version_base="1.3"):

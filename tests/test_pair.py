@@ -12,9 +12,8 @@ from test_search import _brute, _gauss
 from datamodules.cache import CacheError, CacheWriter, EmbeddingCache, cache_dir
 from datamodules.tuples import load_tuples, save_tuples, weights_of
 from encoders.modalities import MODALITIES, PROVENANCES
-from lightning_modules.pair import SUMMARY
-from lightning_modules.pair_clean import Clean, apply_cells, reuse_keep, soft_conf
-from lightning_modules.pair_plan import (
+from lightning_modules.pairing.clean import Clean, apply_cells, reuse_keep, soft_conf
+from lightning_modules.pairing.plan import (
     Hop,
     build_tuples,
     check_route_spaces,
@@ -22,7 +21,8 @@ from lightning_modules.pair_plan import (
     parse_routes,
     plan_paths,
 )
-from lightning_modules.pair_stats import summarize
+from lightning_modules.pairing.stats import summarize
+from lightning_modules.stages.pair import SUMMARY
 from train import train
 
 # The shared small world has clap, not wavcaps, as its audio-text space. The stage tests check

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from datamodules.demo_raw import write_ply
 from datamodules.items import list_items
+from datamodules.synthetic.demo_raw import write_ply
 from encoders import readers
 from encoders.base import Processor
 from encoders.readers import LoadSettings, RawDataError, load_points, load_raw, read_points

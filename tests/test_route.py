@@ -16,10 +16,10 @@ from safetensors.torch import load_file
 from datamodules.artifacts import file_sha256
 from datamodules.cache import CacheError
 from encoders.modalities import DIRECTIONS, MODALITIES, PROVENANCES
-from lightning_modules.losses import alignment_loss, decoupling_loss, info_nce
-from lightning_modules.models import Router
-from lightning_modules.omni import FixedWeights, OmniModel, specialty_labels
-from lightning_modules.route import PROJECTED, RouteModule
+from lightning_modules.omni.layers import Router
+from lightning_modules.omni.losses import alignment_loss, decoupling_loss, info_nce
+from lightning_modules.omni.model import FixedWeights, OmniModel, specialty_labels
+from lightning_modules.stages.route import PROJECTED, RouteModule
 from train import train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -283,7 +283,7 @@ def test_routers_start_uniform_and_held_routers_stay_uniform() -> None:
 def test_link_retrievers_follow_each_start_s_tree() -> None:
     """The spaces on the tree path between two items of a tuple, per start modality."""
     from datamodules.tuples import link_retrievers
-    from lightning_modules.pair_plan import parse_routes, plan_paths
+    from lightning_modules.pairing.plan import parse_routes, plan_paths
 
     routes = parse_routes({"audio_text": "wav", "image_text": "anchor", "audio_image": "ib",
                            "point_image": "u3d", "point_text": "u3d"})  # fmt: skip
@@ -303,7 +303,7 @@ def test_link_retrievers_follow_each_start_s_tree() -> None:
 def test_leave_retriever_out_drops_the_retrievers_groups_per_pair_term() -> None:
     """Each pair term sees the weights without its link's retrievers, renormalised; a row that
     would lose every group keeps them; with no retrievers it equals the paper's L_align."""
-    from lightning_modules.omni import combine, leave_out
+    from lightning_modules.omni.model import combine, leave_out
 
     w = torch.tensor([[0.2, 0.3, 0.5], [0.5, 0.5, 0.0]])
     drop = torch.tensor([[True, False, False], [True, True, False]])

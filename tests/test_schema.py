@@ -1,4 +1,4 @@
-"""The config schema (lightning_modules/schema.py): every composable config passes with every key
+"""The config schema (lightning_modules/runtime/schema.py): every composable config passes with every key
 declared, and a missing or wrong-typed key fails at startup naming the key and the file that
 should declare it (an undeclared one too, with strict=True)."""
 
@@ -13,7 +13,7 @@ import pytest
 from conftest import REPO, compose_config
 from test_config import CHOICES, _override
 
-from lightning_modules.schema import ConfigError, problems, validate
+from lightning_modules.runtime.schema import ConfigError, problems, validate
 
 
 def _fails(overrides: list[str], *expected: str) -> str:
@@ -100,12 +100,12 @@ def test_wrong_types_name_the_key_value_and_file() -> None:
 def test_undeclared_keys_are_refused_naming_the_schema(caplog: pytest.LogCaptureFixture) -> None:
     _fails(
         ["+space.foo=1"],
-        "space.foo: not a declared key; declare it with its type in lightning_modules/schema.py "
+        "space.foo: not a declared key; declare it with its type in lightning_modules/runtime/schema.py "
         "(Space), or remove it from conf/space/clap.yaml",
     )
     _fails(["+bind.foo=1"], "bind.foo: not a declared key", "(Bind)")
     # At run time (train.py) only a warning: the run goes on, this test file keeps them declared.
-    with caplog.at_level("WARNING", logger="lightning_modules.schema"):
+    with caplog.at_level("WARNING", logger="lightning_modules.runtime.schema"):
         validate(compose_config(["+bind.foo=1"]))
     assert "bind.foo: not a declared key" in caplog.text
     with pytest.raises(ConfigError, match="bind.epochs") as e:

@@ -1,11 +1,11 @@
-"""Exact blocked top-k search (lightning_modules/search.py): ties, directions, shards, biases."""
+"""Exact blocked top-k search (lightning_modules/pairing/search.py): ties, directions, shards, biases."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from lightning_modules.search import ShardRows, csls_bias, search, take_rows
+from lightning_modules.pairing.search import ShardRows, csls_bias, search, take_rows
 
 
 def _brute(q: np.ndarray, g: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

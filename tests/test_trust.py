@@ -21,10 +21,10 @@ from datamodules.artifacts import file_sha256
 from datamodules.cache import CacheError, CacheWriter, cache_dir
 from datamodules.items import RawDataError, list_items
 from datamodules.tuples import load_tuples, save_tuples
-from lightning_modules.bind import load_bound_space
-from lightning_modules.extract import run as extract
-from lightning_modules.inference import main
-from lightning_modules.omni import OmniModel
+from lightning_modules.inference.cli import main
+from lightning_modules.omni.model import OmniModel
+from lightning_modules.stages.bind import load_bound_space
+from lightning_modules.stages.extract import run as extract
 from train import train
 
 QUICK_BIND = ("bind.epochs=1", "bind.hidden_dim=64", "bind.batch_size=256")

@@ -13,8 +13,8 @@ from conftest import compose_config
 from omegaconf import OmegaConf
 
 from datamodules.cache import EmbeddingCache, cache_dir
-from datamodules.demo_raw import ensure_demo_raw, write_ply
 from datamodules.items import list_items
+from datamodules.synthetic.demo_raw import ensure_demo_raw, write_ply
 from encoders import build_encoder, build_processor
 from encoders.readers import LoadSettings, RawDataError, load_points
 from encoders.uni3d import Uni3DEncoder, farthest_points, group, knn
@@ -274,7 +274,7 @@ def test_bad_inputs_get_clear_errors(tiny, tmp_path: Path) -> None:
 def test_extract_stage_embeds_the_demo_clouds(tiny, tmp_path: Path) -> None:
     """stage=extract space=tiny_uni3d on the raw demo's .npy and .ply clouds (DataLoader
     workers prepare them): the cached rows are Encoder.encode's embeddings of the same files."""
-    from lightning_modules.extract import run
+    from lightning_modules.stages.extract import run
 
     demo = ensure_demo_raw(tmp_path / "raw")
     cfg = compose_config(["stage=extract", "space=tiny_uni3d", "data=demo_raw", "trainer=cpu",

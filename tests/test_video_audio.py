@@ -17,18 +17,18 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from datamodules.cache import EmbeddingCache, cache_dir, sha256_file
-from datamodules.demo_raw import ensure_demo_raw
 from datamodules.extraction import RawDataModule
 from datamodules.items import list_items
 from datamodules.jobs import ExtractJob
-from datamodules.world import World, _video, ensure_world
+from datamodules.synthetic.demo_raw import ensure_demo_raw
+from datamodules.synthetic.world import World, _video, ensure_world
 from encoders.base import Encoder, Processor
 from encoders.readers import LoadSettings, load_audio_track, load_frames
 from encoders.video import audio_track_weight, encode_video, join_audio
-from lightning_modules.config import space_configs
-from lightning_modules.extract import CacheShardWriter, ExtractModule, run
-from lightning_modules.extract_plan import plan
-from lightning_modules.schema import validate
+from lightning_modules.runtime.config import space_configs
+from lightning_modules.runtime.schema import validate
+from lightning_modules.stages.extract import CacheShardWriter, ExtractModule, run
+from lightning_modules.stages.extract_plan import plan
 
 RATE, SAMPLES = 8000, 800  # the synthetic encoder's audio: 0.1 s at 8 kHz
 
@@ -167,7 +167,7 @@ def test_a_space_without_audio_refuses_the_option(tmp_path: Path) -> None:
     cfg = compose_config(["stage=extract", "space=tiny_clip", "data=demo_raw", "trainer=cpu",
                           "logger=none", f"paths.output_dir={tmp_path}",
                           "+space.video={audio_track:true,audio_weight:0.5}"])  # fmt: skip
-    validate(cfg)  # the block is declared (lightning_modules/schema.py)
+    validate(cfg)  # the block is declared (lightning_modules/runtime/schema.py)
     with pytest.raises(ValueError, match=r"space 'tiny_clip': video.audio_track=true"):
         plan(cfg)
     world = compose_config(["data=world", f"paths.output_dir={tmp_path}"]).data

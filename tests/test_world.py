@@ -11,11 +11,11 @@ import torch
 from omegaconf import OmegaConf
 
 from datamodules.cache import CacheError, EmbeddingCache, cache_dir, sha256_file
+from datamodules.synthetic.world import V2_KEYS, World, ensure_world, fingerprint
 from datamodules.tuples import load_tuples
-from datamodules.world import V2_KEYS, World, ensure_world, fingerprint
 from encoders.modalities import MODALITIES, PAIRS, PROVENANCES
-from lightning_modules.config import space_configs
-from lightning_modules.metrics import recall_at_k
+from lightning_modules.evaluation.metrics import recall_at_k
+from lightning_modules.runtime.config import space_configs
 
 # Small enough that a world of its own costs a test about a second.
 TINY = ("data.pool_size={point:300,audio:300,image:300,text:300}", "data.oracle_tuples=300")

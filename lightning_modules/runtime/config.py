@@ -20,7 +20,7 @@ from hydra.core.global_hydra import GlobalHydra  # noqa: E402
 from omegaconf import DictConfig, ListConfig, OmegaConf  # noqa: E402
 
 from datamodules.artifacts import CacheError, file_sha256  # noqa: E402
-from datamodules.world import ensure_world  # noqa: E402
+from datamodules.synthetic.world import ensure_world  # noqa: E402
 
 log = logging.getLogger(__name__)
 CONF_DIR = Path(str(importlib.resources.files("conf")))  # the installed package's config tree
@@ -84,7 +84,7 @@ def ensure_tuples(cfg: DictConfig, which: str, root: Path) -> Path:
     # Imported here: the pipeline imports every stage, and the stages import this module.
     from lightning.pytorch.utilities.seed import isolate_rng
 
-    from lightning_modules.pipeline import pair_step
+    from lightning_modules.stages.pipeline import pair_step
 
     with isolate_rng():  # the stage goes on with the randomness it had, as when run alone
         pair_step(cfg)

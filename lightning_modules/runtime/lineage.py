@@ -28,13 +28,13 @@ from omegaconf import DictConfig
 
 from datamodules.artifacts import STAMP as VERIFIED
 from encoders.modalities import MODALITIES
-from lightning_modules.benchmarks import columns
-from lightning_modules.config import pairs_source, tuples_path
+from lightning_modules.evaluation.benchmarks import columns
+from lightning_modules.runtime.config import pairs_source, tuples_path
 
 log = logging.getLogger(__name__)
 
 # Left out of exported folders: per-machine verification stamps and the pipeline's own stamp
-# (lightning_modules/pipeline.py STAMP); neither is part of the model, and both change between
+# (lightning_modules/stages/pipeline.py STAMP); neither is part of the model, and both change between
 # machines and runs, which would change the artifact's digest.
 LEFT_OUT = {VERIFIED, "pipeline_config.json"}
 BOUND_META, OMNI_META = "bound.json", "omni.json"  # bind.EXPORT_META, omni.EXPORT_META

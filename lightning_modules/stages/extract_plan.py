@@ -4,7 +4,7 @@ Every item list is read (and checked) here, before anything is embedded, so a ba
 (a missing folder, repeated ids, captions without provenance, a manifest naming classes without
 templates) stops the run without touching a cache already extracted.
 
-Zero-shot prompts: `data.benchmarks` lists benchmark manifests (lightning_modules/benchmarks.py).
+Zero-shot prompts: `data.benchmarks` lists benchmark manifests (lightning_modules/evaluation/benchmarks.py).
 Each zero-shot entry naming `classes` has its class x template prompts embedded by every space
 with a text side into dataset `<name>_prompts` under `data.root`, rows class-major with a `label`
 extra (class index) and a `template` extra. A copy of the manifest with `root: "."` is written
@@ -24,8 +24,8 @@ from datamodules.cache import cache_dir
 from datamodules.items import Items, RawDataError, link_captions, list_items
 from datamodules.jobs import ExtractJob
 from encoders.video import audio_track_weight
-from lightning_modules.benchmarks import load_benchmarks, zeroshot_prompts
-from lightning_modules.config import to_plain
+from lightning_modules.evaluation.benchmarks import load_benchmarks, zeroshot_prompts
+from lightning_modules.runtime.config import to_plain
 
 
 def _job(cfg: DictConfig, dataset: str, modality: str, items: Items, spec: Mapping) -> ExtractJob:

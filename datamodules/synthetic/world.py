@@ -37,6 +37,7 @@ default leaves the v1 world byte for byte as it was:
 from __future__ import annotations
 
 import hashlib
+import importlib.resources
 import json
 import logging
 from collections.abc import Mapping
@@ -59,7 +60,7 @@ from encoders.modalities import MODALITIES, PAIRS, PROVENANCES
 from encoders.video import audio_track_weight, join_audio
 
 log = logging.getLogger(__name__)
-SPACE_DIR = Path(__file__).resolve().parents[1] / "conf" / "space"
+SPACE_DIR = Path(str(importlib.resources.files("conf"))) / "space"  # the installed config tree
 
 BLOCK, STYLE = 16, 16
 LATENT = 4 * BLOCK
@@ -689,7 +690,7 @@ def _write_oracle_tuples(cfg: Mapping, root: Path) -> None:
 def _write_benchmarks(root: Path, video: bool = False) -> None:
     """The benchmark manifests (val and test) that the evaluate stage and validation read.
 
-    The format is documented in lightning_modules/benchmarks.py. With video, a `world_video_text`
+    The format is documented in lightning_modules/evaluation/benchmarks.py. With video, a `world_video_text`
     row (MSR-VTT-like) follows the six modality pairs.
     """
     for split in ("val", "test"):

@@ -23,9 +23,22 @@ from datamodules.artifacts import file_sha256
 from datamodules.cache import CacheError, CacheWriter, EmbeddingCache, cache_dir, read_manifest
 from datamodules.tuples import link_retrievers, load_tuples
 from encoders.modalities import MODALITIES, PAIRS, PROVENANCES
-from lightning_modules import lineage
-from lightning_modules.bind import EXPORT_WEIGHTS, load_bound_space
-from lightning_modules.config import (
+from lightning_modules.evaluation.metrics import compute_directions, direction_metrics
+from lightning_modules.omni.losses import (
+    alignment_loss,
+    decoupling_loss,
+    info_nce,
+    pair_alignment_loss,
+)
+from lightning_modules.omni.model import (
+    OmniModel,
+    RouterOutput,
+    combine,
+    leave_out,
+    specialty_labels,
+)
+from lightning_modules.runtime import lineage
+from lightning_modules.runtime.config import (
     ensure_data,
     ensure_tuples,
     space_configs,
@@ -33,21 +46,8 @@ from lightning_modules.config import (
     tuples_record,
     validation_record,
 )
-from lightning_modules.losses import (
-    alignment_loss,
-    decoupling_loss,
-    info_nce,
-    pair_alignment_loss,
-)
-from lightning_modules.metrics import compute_directions, direction_metrics
-from lightning_modules.omni import (
-    OmniModel,
-    RouterOutput,
-    combine,
-    leave_out,
-    specialty_labels,
-)
-from lightning_modules.training import StartCompetes, fit_best
+from lightning_modules.runtime.training import StartCompetes, fit_best
+from lightning_modules.stages.bind import EXPORT_WEIGHTS, load_bound_space
 
 matplotlib.use("Agg")
 log = logging.getLogger(__name__)

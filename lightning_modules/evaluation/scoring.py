@@ -1,6 +1,6 @@
 """Scoring one method on a manifest's benchmarks: retrieval R@K and zero-shot top-K / mAP.
 
-Metrics (lightning_modules/metrics.py) follow CLIP_benchmark: R@K counts a query as a hit when any
+Metrics (lightning_modules/evaluation/metrics.py) follow CLIP_benchmark: R@K counts a query as a hit when any
 positive is in the top K (text->X: each caption is a query with its one item; X->text: one query
 per item, a hit is any of its captions); zero-shot class embeddings are the re-normalised mean of
 the L2-normalised template embeddings. Ties are broken deterministically (see TIES).
@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from datamodules.cache import CacheError, EmbeddingCache, cache_dir
-from lightning_modules.benchmarks import (
+from lightning_modules.evaluation.benchmarks import (
     MAPPING_SUFFIXES,
     Benchmarks,
     Retrieval,
@@ -27,8 +27,12 @@ from lightning_modules.benchmarks import (
     covered,
     zeroshot_prompts,
 )
-from lightning_modules.methods import Method, open_cache
-from lightning_modules.metrics import MeanAveragePrecision, RetrievalRecall, ZeroShotAccuracy
+from lightning_modules.evaluation.methods import Method, open_cache
+from lightning_modules.evaluation.metrics import (
+    MeanAveragePrecision,
+    RetrievalRecall,
+    ZeroShotAccuracy,
+)
 
 # Written by the extract stage beside a cache: its item list (keys, classes), its failed items.
 ITEMS_JSON, ERRORS_JSON = "items.json", "errors.json"

@@ -15,9 +15,9 @@ import numpy as np
 
 from datamodules.tuples import modalities_of
 from encoders.modalities import PROVENANCES, check_modality
-from lightning_modules.config import to_plain
-from lightning_modules.pair_plan import Hop, Nearest
-from lightning_modules.search import ShardRows, take_rows
+from lightning_modules.pairing.plan import Hop, Nearest
+from lightning_modules.pairing.search import ShardRows, take_rows
+from lightning_modules.runtime.config import to_plain
 
 
 @dataclass(frozen=True)

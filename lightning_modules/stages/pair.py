@@ -41,9 +41,7 @@ from datamodules.cache import (
 )
 from datamodules.tuples import save_tuples
 from encoders.modalities import MODALITIES, PROVENANCES, check_modality, resolve_device
-from lightning_modules import lineage
-from lightning_modules.config import ensure_data, space_configs, to_plain
-from lightning_modules.pair_clean import (
+from lightning_modules.pairing.clean import (
     Clean,
     apply_cells,
     cross_keep,
@@ -53,7 +51,7 @@ from lightning_modules.pair_clean import (
     reuse_keep,
     soft_weights,
 )
-from lightning_modules.pair_plan import (
+from lightning_modules.pairing.plan import (
     Tuples,
     build_tuples,
     check_route_spaces,
@@ -63,9 +61,11 @@ from lightning_modules.pair_plan import (
     parse_routes,
     plan_paths,
 )
-from lightning_modules.pair_stats import flat_metrics, rule_stats, summarize
-from lightning_modules.search import csls_bias, pool_rows, search, search_steps
-from lightning_modules.training import make_logger
+from lightning_modules.pairing.search import csls_bias, pool_rows, search, search_steps
+from lightning_modules.pairing.stats import flat_metrics, rule_stats, summarize
+from lightning_modules.runtime import lineage
+from lightning_modules.runtime.config import ensure_data, space_configs, to_plain
+from lightning_modules.runtime.training import make_logger
 
 log = logging.getLogger(__name__)
 SUMMARY = "pairs_summary.json"

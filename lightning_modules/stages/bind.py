@@ -26,12 +26,17 @@ from datamodules.artifacts import (
     verify_file,
 )
 from encoders.modalities import LETTERS, MODALITIES, PAIRS
-from lightning_modules import lineage
-from lightning_modules.config import ensure_data, ensure_tuples, tuples_record, validation_record
-from lightning_modules.losses import info_nce
-from lightning_modules.metrics import compute_directions, direction_metrics
-from lightning_modules.models import ProjectorMixture
-from lightning_modules.training import fit_best
+from lightning_modules.evaluation.metrics import compute_directions, direction_metrics
+from lightning_modules.omni.layers import ProjectorMixture
+from lightning_modules.omni.losses import info_nce
+from lightning_modules.runtime import lineage
+from lightning_modules.runtime.config import (
+    ensure_data,
+    ensure_tuples,
+    tuples_record,
+    validation_record,
+)
+from lightning_modules.runtime.training import fit_best
 
 log = logging.getLogger(__name__)
 FREEBIND_EXPERTS = ("mix", "A", "T", "V", "AT", "AV", "TV")

@@ -19,11 +19,11 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from datamodules.artifacts import atomic_write_json, file_sha256, fingerprint
 from datamodules.cache import CacheError
 from datamodules.tuples import load_tuples
-from lightning_modules import bind, evaluate, extract, pair, route
-from lightning_modules.config import pairs_source, space_configs, to_plain
-from lightning_modules.lineage import stage_changes
-from lightning_modules.omni import EXPORT_WEIGHTS as OMNI_WEIGHTS
-from lightning_modules.omni import OmniModel
+from lightning_modules.omni.model import EXPORT_WEIGHTS as OMNI_WEIGHTS
+from lightning_modules.omni.model import OmniModel
+from lightning_modules.runtime.config import pairs_source, space_configs, to_plain
+from lightning_modules.runtime.lineage import stage_changes
+from lightning_modules.stages import bind, evaluate, extract, pair, route
 
 log = logging.getLogger(__name__)
 DATA_KEYS = ["data", "anchor", "seed"]  # what every stage's output depends on

@@ -12,7 +12,7 @@ synthesised sound, and sampled as a 3D shape, so the pair stage has something to
     videos/             12 clips (frame folders, (T, H, W, 3) .npy and .mp4) with three captions
                         each in video_captions.jsonl (MSR-VTT-style)
     benchmarks.json     retrieval (image-, audio-, point- and video-text) and zero-shot manifests
-                        with classes and templates (lightning_modules/benchmarks.py)
+                        with classes and templates (lightning_modules/evaluation/benchmarks.py)
     dumps/<dataset>/{point,image,text}.npy + .ids.json: 1024-d "precomputed" embeddings (class
                         prototype + noise) for `space=demo_uni3d` (its dumps)
 Nothing is downloaded; the same seed writes the same files.

@@ -1,9 +1,9 @@
 """Convert stage: an official OmniBind checkpoint (projectors + routers) as our omni export.
 
 `python train.py stage=convert variant=base|large|full convert.checkpoint=FILE` reads the
-release's state dict and writes `omni.json` + `omni.safetensors` (lightning_modules/omni.py) to
+release's state dict and writes `omni.json` + `omni.safetensors` (lightning_modules/omni/model.py) to
 `convert.export_dir`, which `OmniModel.load`, the evaluate stage (`omni:<variant>/official`) and
-`lightning_modules/inference.py` read like a route-stage export.
+`lightning_modules/inference/api.py` read like a route-stage export.
 
 The release's layout (DESIGN.md, "Facts from the official inference release", checked against
 its `omni_model/router.py` and `omni_utils.py`):
@@ -46,8 +46,8 @@ import torch
 from omegaconf import DictConfig
 
 from datamodules.cache import CacheError, sha256_file
-from lightning_modules.config import space_configs
-from lightning_modules.omni import OmniModel
+from lightning_modules.omni.model import OmniModel
+from lightning_modules.runtime.config import space_configs
 
 log = logging.getLogger(__name__)
 

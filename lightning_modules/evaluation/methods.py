@@ -20,9 +20,9 @@ import torch.nn.functional as F
 
 from datamodules.cache import CacheError, EmbeddingCache, cache_dir
 from encoders.modalities import MODALITIES
-from lightning_modules.bind import load_bound_space
-from lightning_modules.config import space_configs
-from lightning_modules.omni import WEIGHTINGS, OmniModel, modalities_of
+from lightning_modules.omni.model import WEIGHTINGS, OmniModel, modalities_of
+from lightning_modules.runtime.config import space_configs
+from lightning_modules.stages.bind import load_bound_space
 
 
 class Method(Protocol):

@@ -24,7 +24,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig
 
 from datamodules.cache import atomic_write
-from lightning_modules.config import to_plain
+from lightning_modules.runtime.config import to_plain
 
 log = logging.getLogger(__name__)
 

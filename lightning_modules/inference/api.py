@@ -1,4 +1,4 @@
-"""Inference: an omni model as an embedding and retrieval API, and a small search CLI.
+"""The OmniBind API: an omni model as an embedding model, loadable from any export or the Hub.
 
     bind = OmniBind.from_pretrained("outputs/omni/base/routed")  # any export, or a Hub id
     bind.save_pretrained("my-omnibind", results="runs/main/results.md")  # Hub-style directory
@@ -12,29 +12,21 @@ config.json (the omni layout and the weights' sha256) and a generated model card
 `from_pretrained` reads that, or a route/convert export (omni.safetensors + omni.json).
 
 Omni embeddings are L2-normalised; a gallery is an embedding cache (datamodules/cache.py) of
-them, searched exactly (blocked matmul or faiss, lightning_modules/search.py; on equal scores the
+them, searched exactly (blocked matmul or faiss, lightning_modules/pairing/search.py; on equal scores the
 lower row wins).
 
-    python -m lightning_modules.inference index --model M --root R --dataset D --modality X --out G
-    python -m lightning_modules.inference search --model M --root R --gallery G --query D:X:ROW[@W]
-
-Like train.py, it reads Hugging Face files (Hub ids, tokenizers) from disk only unless
-HF_HUB_OFFLINE=0 (lightning_modules/config.py); a missing one is named at once.
 """
 
 from __future__ import annotations
 
-import argparse
 import hashlib
-import json
 import os
-import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 # First, before huggingface_hub: it sets the offline default (see there).
-from lightning_modules.config import hub_files
+from lightning_modules.runtime.config import hub_files
 
 # isort: split
 import numpy as np
@@ -46,18 +38,18 @@ from safetensors import SafetensorError
 
 from datamodules import artifacts
 from datamodules.artifacts import atomic_write, atomic_write_json, file_sha256, verify_file
-from datamodules.cache import CacheError, CacheWriter, EmbeddingCache, cache_dir
-from datamodules.jobs import ITEMS
+from datamodules.cache import CacheError, EmbeddingCache, cache_dir
 from encoders import build_encoder, encoder_class
 from encoders.modalities import MODALITIES, check_modality, resolve_device
-from lightning_modules.omni import (
+from lightning_modules.inference.card import model_card_text
+from lightning_modules.omni.model import (
     EXPORT_META,
     EXPORT_WEIGHTS,
     WEIGHTINGS,
     OmniModel,
     modalities_of,
 )
-from lightning_modules.search import pool_rows, search
+from lightning_modules.pairing.search import pool_rows
 
 # What save_pretrained writes (Hugging Face conventions) and the config.json format tag.
 HUB_WEIGHTS, HUB_CONFIG, HUB_CARD = "model.safetensors", "config.json", "README.md"
@@ -395,70 +387,6 @@ class OmniBind(
         return self.embed_spaces(inputs)[modality]
 
 
-def model_card_text(bind: OmniBind, results: str | None, command: str | None) -> str:
-    """The markdown body of an omni model's card."""
-    meta = bind.model.meta
-    name = f"OmniBind {meta.get('variant', '')} ({meta.get('kind', 'routed')})".replace(" ()", "")
-    lines = [
-        f"# {name}",
-        "",
-        "An omni embedding model trained with the open OmniBind framework "
-        "([paper](https://arxiv.org/abs/2407.11895)). It maps "
-        f"embeddings of {len(meta['spaces']) + 1} frozen spaces into one {bind.dim}-d space (the "
-        f"anchor `{meta['anchor']}`'s) for {', '.join(bind.modalities)}. Outputs are "
-        "L2-normalised.",
-        "",
-        "## Spaces",
-        "",
-        "| space | input dims | experts | hidden dim |",
-        "|---|---|---|---|",
-        f"| `{meta['anchor']}` (anchor, used as is) | {bind.dim} | | |",
-    ]
-    for space, b in meta["spaces"].items():
-        dims = ", ".join(f"{m} {d}" for m, d in b["dims"].items())
-        experts = ", ".join(map(str, b["experts"]))
-        lines.append(f"| `{space}` | {dims} | {experts} | {b['hidden_dim']} |")
-    lines += ["", "## Routing", "", "| modality | groups | router reads |", "|---|---|---|"]
-    for m in bind.modalities:
-        groups = ", ".join(f"`{g}`" for g in meta["groups"][m])
-        predictors = ", ".join(f"`{p}`" for p in meta["predictors"][m])
-        lines.append(f"| {m} | {groups} | {predictors} |")
-    if meta.get("blends"):
-        lines += ["", f"Fixed blends: `{json.dumps(meta['blends'], sort_keys=True)}`."]
-    if meta.get("checkpoint_sha256"):
-        digest = meta["checkpoint_sha256"]
-        source = f"converted from an official OmniBind checkpoint (sha256 `{digest}`)"
-    else:
-        source = f"`{meta['pairs']}`" if meta.get("pairs") else "not recorded in the export"
-    command = command or meta.get("command")
-    lines += [
-        "",
-        "## Training data",
-        "",
-        f"Tuple source: {source}.",
-        "",
-        "## Results",
-        "",
-        results.strip() if results else "No results table was given.",
-        "",
-        "## Training command",
-        "",
-        f"```bash\n{command}\n```" if command else "Not recorded in the export.",
-        "",
-        "## Usage",
-        "",
-        "```python",
-        "from lightning_modules.inference import OmniBind",
-        "",
-        'bind = OmniBind.from_pretrained("<this directory or Hub id>")',
-        "z = bind.embed_spaces({space: {modality: embeddings}})  # {modality: (n, "
-        f"{bind.dim})}}",
-        "```",
-        "",
-    ]
-    return "\n".join(lines)
-
-
 def compose(
     embeddings: Mapping[str, torch.Tensor], weights: Mapping[str, float] | None = None
 ) -> torch.Tensor:
@@ -479,204 +407,3 @@ def compose(
     if len(dims) != 1:
         raise ValueError(f"embeddings of different dims {dims} cannot be composed")
     return F.normalize(torch.stack(torch.broadcast_tensors(*parts)).sum(0), dim=-1)
-
-
-class Gallery:
-    """An omni embedding cache, searched exactly by inner product (torch blocks or faiss)."""
-
-    def __init__(
-        self, directory: str | Path, backend: str = "torch", device: str | torch.device = "cpu"
-    ) -> None:
-        self.cache = EmbeddingCache(directory)
-        self.backend, self.device = backend, device
-
-    def __len__(self) -> int:
-        return self.cache.count
-
-    def search(self, queries: torch.Tensor, k: int = 10) -> tuple[np.ndarray, np.ndarray]:
-        """queries (q, dim) -> (scores (q, k), gallery rows (q, k)), best first."""
-        queries = torch.atleast_2d(queries).float().cpu()
-        if queries.shape[1] != self.cache.dim:
-            raise ValueError(
-                f"queries have dim {queries.shape[1]}; gallery {self.cache.directory} has "
-                f"{self.cache.dim}"
-            )
-        k = min(k, len(self))
-        out = search(queries, pool_rows(self.cache), k, backend=self.backend, device=self.device)
-        return out["a_to_b"]
-
-
-def build_gallery(
-    bind: OmniBind,
-    root: str | Path,
-    dataset: str,
-    modality: str,
-    out: str | Path,
-    *,
-    dtype: str = "float16",
-    chunk: int = 8192,
-    overwrite: bool = False,
-) -> Gallery:
-    """Embed every row of (dataset, modality) into an omni cache at `out`, unless it is current.
-
-    Ids and per-row extras (labels, ...) are copied from the first space's cache.
-    """
-    caches = [EmbeddingCache(cache_dir(root, dataset, s, modality)) for s in bind.needed(modality)]
-    first = caches[0]
-    fingerprint = artifacts.fingerprint([bind.fingerprint(), *(c.fingerprint for c in caches)])
-    out = Path(out)
-    if not overwrite and out.is_dir():
-        try:
-            existing = EmbeddingCache(out)
-            if existing.fingerprint == fingerprint and existing.count == first.count:
-                return Gallery(out)
-        except CacheError:
-            pass  # incomplete or foreign: rewritten below
-    writer = CacheWriter(out, space="omni", modality=modality, dim=bind.dim, dtype=dtype,
-                         fingerprint=fingerprint, overwrite=True)  # fmt: skip
-    extras = {k: first.extra(k) for k in first.manifest.get("extras", [])}
-    for start in range(0, first.count, chunk):
-        stop = min(start + chunk, first.count)
-        z = bind.embed_rows(root, dataset, modality, slice(start, stop))
-        writer.append(z.cpu().numpy(), first.ids[start:stop],
-                      **{k: v[start:stop] for k, v in extras.items()})  # fmt: skip
-    # source: the cache whose ids and item list (items.json, from extract) name the rows.
-    writer.close(dataset=dataset, root=str(root), weighting=bind.weighting,
-                 source=str(first.directory))  # fmt: skip
-    return Gallery(out)
-
-
-# ---------------------------------------------------------------------------- command line
-
-
-def parse_query(spec: str) -> tuple[str, str, int, float]:
-    """`DATASET:MODALITY:ROW[@WEIGHT]` -> (dataset, modality, row, weight)."""
-    body, _, weight = spec.partition("@")
-    parts = body.split(":")
-    try:
-        dataset, modality, row = parts
-        return dataset, check_modality(modality, spec), int(row), float(weight or 1.0)
-    except ValueError as e:
-        raise ValueError(
-            f"--query {spec!r}: expected DATASET:MODALITY:ROW[@WEIGHT], e.g. "
-            f"test_audio_text:audio:3 or test_audio_text:text:3@0.5 ({e})"
-        ) from e
-
-
-def _items(directory: str | Path | None) -> dict | None:
-    """The item list (keys, sources, classes) that extract wrote beside a cache, if any."""
-    path = Path(directory) / ITEMS if directory else None
-    return json.loads(path.read_text()) if path and path.is_file() else None
-
-
-def _fields(cache: EmbeddingCache, row: int, items: dict | None = None) -> dict[str, Any]:
-    """A row's item (its file or text, else its key) and class name where `items` names them,
-    then its id and 1-D extras (labels, items, ...)."""
-    fields, i = {}, cache.ids[row].item()
-    if items is not None and 0 <= i < len(items["keys"]):
-        fields["item"] = items["sources"][i] or items["keys"][i]
-        labels = cache.extra("labels") if cache.has("labels") else None
-        if items.get("classes") and labels is not None and labels.ndim == 1:
-            fields["class"] = items["classes"][int(labels[row])]
-    fields["id"] = i
-    for key in cache.manifest.get("extras", []):
-        value = cache.extra(key)
-        if value.ndim == 1:
-            fields[key] = value[row].item()
-    return fields
-
-
-def _describe(fields: Mapping[str, Any]) -> str:
-    """`<item> (<class>) id=.. <extra>=..`: what a user knows the row by comes first."""
-    head = [str(fields["item"])] if "item" in fields else []
-    head += [f"({fields['class']})"] if "class" in fields else []
-    rest = [f"{k}={v}" for k, v in fields.items() if k not in ("item", "class")]
-    return " ".join(head + rest)
-
-
-def _search(args: argparse.Namespace, bind: OmniBind) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    console = Console()
-    gallery = Gallery(args.gallery, backend=args.backend, device=args.device)
-    queries, weights, described = {}, {}, []
-    for m in [*MODALITIES, "video"]:  # raw items, through the encoders of the model's spaces
-        for item in getattr(args, m) or []:
-            queries[f"{m}:{item}"] = bind.embed(**{m: [item]})[m]
-            weights[f"{m}:{item}"] = 1.0
-            described.append({})
-            console.print(f"query {m}: {item}")
-    for i, spec in enumerate(args.query or []):
-        dataset, modality, row, weight = parse_query(spec)
-        key = f"{i}:{spec}"
-        queries[key] = bind.embed_rows(args.root, dataset, modality, [row])
-        weights[key] = weight
-        cache = EmbeddingCache(cache_dir(args.root, dataset, bind.needed(modality)[0], modality))
-        described.append(_fields(cache, row, _items(cache.directory)))
-        console.print(f"query {spec} (weight {weight}): {_describe(described[-1])}")
-    scores, rows = gallery.search(compose(queries, weights), args.k)
-    table = Table(title=f"top {len(rows[0])} of {len(gallery)} in {args.gallery}")
-    for column in ("rank", "row", "score", "gallery item", "same as a query"):
-        table.add_column(column, justify="right" if column in ("rank", "row", "score") else "left")
-    items = _items(gallery.cache.manifest.get("source"))
-    for rank, (score, row) in enumerate(zip(scores[0], rows[0], strict=True), 1):
-        hit = _fields(gallery.cache, int(row), items)
-        # What it shares with some query row: its item, class, concept labels, paired items.
-        same = [k for k, v in hit.items() if k != "id" and any(q.get(k) == v for q in described)]
-        table.add_row(str(rank), str(row), f"{score:.4f}", _describe(hit), ", ".join(same))
-    console.print(table)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """`index` a dataset's rows into an omni gallery cache, or `search` one with cached rows."""
-    parser = argparse.ArgumentParser(
-        prog="python -m lightning_modules.inference", description=main.__doc__
-    )
-    sub = parser.add_subparsers(dest="command", required=True)
-    index = sub.add_parser("index", help="embed (dataset, modality) into an omni gallery cache")
-    find = sub.add_parser("search", help="search a gallery with cached rows (composable)")
-    for p in (index, find):
-        p.add_argument(
-            "--model", required=True, help="omni export dir (route, convert), save_pretrained dir"
-        )
-        p.add_argument("--root", required=True, help="data root of the per-space caches")
-        p.add_argument("--weighting", default="routed", choices=WEIGHTINGS)
-        p.add_argument("--device", default="cpu", help="cpu | cuda[:i] | auto")
-    index.add_argument("--dataset", required=True)
-    index.add_argument("--modality", required=True, choices=MODALITIES)
-    index.add_argument("--out", required=True, help="the gallery cache dir to write")
-    index.add_argument("--dtype", default="float16", choices=("float16", "float32"))
-    index.add_argument("--overwrite", action="store_true", help="rebuild even if current")
-    find.add_argument("--gallery", required=True, help="a gallery cache dir (from `index`)")
-    find.add_argument(
-        "--query",
-        action="append",
-        help="a cached row, DATASET:MODALITY:ROW[@WEIGHT]; repeat to compose a weighted query",
-    )
-    for m, example in (("text", "a caption"), ("image", "an image file"), ("audio", "a wav"),
-                       ("point", "a .ply/.npy point cloud"),
-                       ("video", "a frame folder, .npy clip or video file")):  # fmt: skip
-        find.add_argument(f"--{m}", action="append", help=f"a raw query: {example}; repeatable")
-    find.add_argument("--k", type=int, default=10)
-    find.add_argument("--backend", default="torch", choices=("torch", "faiss"))
-    args = parser.parse_args(argv)
-    try:
-        bind = OmniBind.from_pretrained(args.model, weighting=args.weighting, device=args.device)
-        if args.command == "index":
-            gallery = build_gallery(bind, args.root, args.dataset, args.modality, args.out,
-                                    dtype=args.dtype, overwrite=args.overwrite)  # fmt: skip
-            print(f"gallery {args.out}: {len(gallery)} {args.modality} rows of {args.dataset}")
-        elif not (args.query or any(getattr(args, m) for m in [*MODALITIES, "video"])):
-            raise ValueError("search needs a query: --query DATASET:MODALITY:ROW or a raw item "
-                             "(--text, --image, --audio, --point, --video)")  # fmt: skip
-        else:
-            _search(args, bind)
-    except (CacheError, ValueError, IndexError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

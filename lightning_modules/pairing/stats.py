@@ -12,7 +12,7 @@ import numpy as np
 
 from datamodules.tuples import modalities_of
 from encoders.modalities import MODALITIES
-from lightning_modules.pair_plan import Hop
+from lightning_modules.pairing.plan import Hop
 
 
 def _concepts(labels: np.ndarray, rows: np.ndarray) -> np.ndarray:

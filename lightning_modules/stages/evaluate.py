@@ -3,10 +3,10 @@
 `python train.py stage=evaluate evaluate.methods=[raw:clap,bound:clap,omni:base/routed]`
 
 Where each concern lives:
-    lightning_modules/benchmarks.py  manifests (retrieval, zero-shot, prompts, video rows)
-    lightning_modules/methods.py     raw:/bound:/omni: methods that embed cached rows
-    lightning_modules/scoring.py     R@K and zero-shot scoring (CLIP_benchmark semantics)
-    lightning_modules/results.py     results.md, the compact console summary, the W&B table
+    lightning_modules/evaluation/benchmarks.py  manifests (retrieval, zero-shot, prompts, video rows)
+    lightning_modules/evaluation/methods.py     raw:/bound:/omni: methods that embed cached rows
+    lightning_modules/evaluation/scoring.py     R@K and zero-shot scoring (CLIP_benchmark semantics)
+    lightning_modules/evaluation/reports.py     results.md, the compact console summary, the W&B table
 Real benchmarks plug in by pointing `evaluate.benchmarks` at a manifest; entries naming `classes`
 use `evaluate.templates.<modality>` when they give no templates of their own.
 """
@@ -21,13 +21,13 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from datamodules.cache import atomic_write, atomic_write_json
 from encoders.modalities import resolve_device
-from lightning_modules import lineage
-from lightning_modules.benchmarks import Benchmarks, load_benchmarks, manifest_path
-from lightning_modules.config import ensure_data
-from lightning_modules.methods import Method, make_method
-from lightning_modules.results import compact_summary, markdown
-from lightning_modules.scoring import TIES, evaluate_method, mean_r1
-from lightning_modules.training import make_logger
+from lightning_modules.evaluation.benchmarks import Benchmarks, load_benchmarks, manifest_path
+from lightning_modules.evaluation.methods import Method, make_method
+from lightning_modules.evaluation.reports import compact_summary, markdown
+from lightning_modules.evaluation.scoring import TIES, evaluate_method, mean_r1
+from lightning_modules.runtime import lineage
+from lightning_modules.runtime.config import ensure_data
+from lightning_modules.runtime.training import make_logger
 
 log = logging.getLogger(__name__)
 

@@ -2,8 +2,8 @@
 
 `pair.routes` names the space linking a pair of modalities; a pair with no route is chained
 through `pair.chain`, else along the shortest path over the routes. `build_tuples` turns the
-exact top-k of every hop (lightning_modules/search.py) into the tuple table before cleaning,
-keeping each hop (`Hop`) so the cleaning rules (lightning_modules/pair_clean.py) can act on it.
+exact top-k of every hop (lightning_modules/pairing/search.py) into the tuple table before cleaning,
+keeping each hop (`Hop`) so the cleaning rules (lightning_modules/pairing/clean.py) can act on it.
 """
 
 from __future__ import annotations

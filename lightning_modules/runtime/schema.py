@@ -39,7 +39,7 @@ from datamodules.cache import DTYPES
 from encoders.modalities import MODALITIES, PROVENANCES
 from encoders.readers import LoadSettings
 from encoders.video import AUDIO_WEIGHT
-from lightning_modules.pair_clean import Clean
+from lightning_modules.pairing.clean import Clean
 
 log = logging.getLogger(__name__)
 
@@ -140,7 +140,7 @@ class Pair:
     device: Str
     dedupe: Bool
     min_tuples: Int
-    clean: Clean  # declared in lightning_modules/pair_clean.py (its own checks run in the stage)
+    clean: Clean  # declared in lightning_modules/pairing/clean.py (its own checks run in the stage)
     progress: Bool
     output: Str
 
@@ -324,7 +324,7 @@ class Video:
 
 @dataclass(config=CLOSED)
 class WorldData(Data):
-    """data.kind=synthetic: the generated world (datamodules/world.py)."""
+    """data.kind=synthetic: the generated world (datamodules/synthetic/world.py)."""
 
     kind: Literal["synthetic"]
     seed: Int
@@ -471,7 +471,7 @@ def _problem(error: dict, key: str, schema: type, file: str) -> str:
         return f"{full}: missing; declare it in {file}"
     if error["type"] in ("unexpected_keyword_argument", "extra_forbidden"):
         return (
-            f"{full}: not a declared key; declare it with its type in lightning_modules/schema.py "
+            f"{full}: not a declared key; declare it with its type in lightning_modules/runtime/schema.py "
             f"({schema.__name__}), or remove it from {file}"
         )
     what = "the key" if "[key]" in error["loc"] else "got"
@@ -535,6 +535,6 @@ def validate(cfg: DictConfig, strict: bool = False) -> None:
             log.warning("config: %s", line)
     if found:
         raise ConfigError(
-            "the configuration does not match its schema (lightning_modules/schema.py):\n"
+            "the configuration does not match its schema (lightning_modules/runtime/schema.py):\n"
             + "\n".join(f"  - {line}" for line in found)
         )

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from lightning_modules.benchmarks import Benchmarks, columns
-from lightning_modules.scoring import TIES, mean_r1
+from lightning_modules.evaluation.benchmarks import Benchmarks, columns
+from lightning_modules.evaluation.scoring import TIES, mean_r1
 
 ARROW = "\u2192"
 

@@ -31,17 +31,17 @@ from lightning.pytorch.callbacks import BasePredictionWriter, TQDMProgressBar
 from omegaconf import DictConfig
 
 from datamodules.cache import CacheError, read_manifest
-from datamodules.demo_raw import ensure_demo_raw
 from datamodules.extraction import RawDataModule
 from datamodules.jobs import SIDECAR, ExtractJob
+from datamodules.synthetic.demo_raw import ensure_demo_raw
 from encoders import build_encoder, build_processor, encoder_class
 from encoders.base import Encoder
 from encoders.precomputed import SUFFIXES, DumpError
 from encoders.readers import LoadSettings
 from encoders.video import join_audio
-from lightning_modules.config import hub_files, to_plain
-from lightning_modules.extract_plan import plan, write_manifests
-from lightning_modules.training import make_trainer
+from lightning_modules.runtime.config import hub_files, to_plain
+from lightning_modules.runtime.training import make_trainer
+from lightning_modules.stages.extract_plan import plan, write_manifests
 
 log = logging.getLogger(__name__)
 UNIT_TOLERANCE = 1e-2  # |norm - 1| allowed after the encoder's own precision (bf16 included)

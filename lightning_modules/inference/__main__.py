@@ -1,0 +1,5 @@
+import sys
+
+from lightning_modules.inference.cli import main
+
+sys.exit(main())
