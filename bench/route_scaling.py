@@ -17,8 +17,9 @@ import time
 import torch
 import torch.nn.functional as F
 
+from datamodules.projected import PROJECTED
 from encoders.modalities import MODALITIES, PROVENANCES
-from lightning_modules.stages.route import PROJECTED, RouteModule
+from lightning_modules.stages.route import RouteModule
 
 torch.set_num_threads(2)
 
@@ -30,7 +31,10 @@ def make_batch(n_spaces: int, batch: int, dim: int, pred_dim: int) -> tuple[Rout
     predictors = {m: ["pred"] for m in MODALITIES}
     specialty = {s: PROVENANCES[i % len(PROVENANCES)] for i, s in enumerate(spaces)}
     meta = dict(kind="routed", anchor="anchor", groups=groups, predictors=predictors,
-                predictor_dims={m: pred_dim for m in MODALITIES}, specialty=specialty, spaces={},
+                predictor_dims={m: pred_dim for m in MODALITIES}, specialty=specialty,
+                # tiny projectors: the batch carries the groups' projections already
+                spaces={s: dict(dims={m: 8 for m in MODALITIES}, out_dim=dim, hidden_dim=8,
+                                experts=["mix"], renormalize=False) for s in spaces},
                 scales={m: 10.0 if m == "text" else 1.0 for m in MODALITIES})  # fmt: skip
     model = RouteModule(meta)
     emb = {s + PROJECTED: {m: F.normalize(torch.randn(batch, dim), dim=-1) for m in MODALITIES}

@@ -17,15 +17,15 @@ import torch.nn.functional as F
 from datamodules.cache import CacheError
 from datamodules.embeddings import EmbeddingDataModule
 from datamodules.tuples import load_tuples
+from lightning_modules.omni.export import BOUND_META as EXPORT_META
+from lightning_modules.omni.export import BOUND_WEIGHTS as EXPORT_WEIGHTS
+from lightning_modules.omni.export import load_bound_space
 from lightning_modules.omni.layers import Projector, ProjectorMixture
 from lightning_modules.omni.losses import info_nce
 from lightning_modules.stages.bind import (
-    EXPORT_META,
-    EXPORT_WEIGHTS,
     BindModule,
     expert_starts,
     export_bound_space,
-    load_bound_space,
     retrieval_sides,
 )
 from train import train

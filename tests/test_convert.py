@@ -13,7 +13,7 @@ from conftest import compose_config
 
 from datamodules.cache import CacheError
 from lightning_modules.inference import OmniBind
-from lightning_modules.omni.model import OmniModel
+from lightning_modules.omni.export import load_omni
 from lightning_modules.stages.convert import convert_state_dict, load_checkpoint
 from train import train
 
@@ -201,7 +201,7 @@ def random_inputs(variant: str, n: int = 6, seed: int = 1) -> tuple[dict, dict]:
 def test_parity_with_the_release_rule(variant: str) -> None:
     state = official_state_dict(variant)
     model = convert_state_dict(state, variant)
-    counts = {m: len(g) for m, g in model.meta["groups"].items()}
+    counts = {m: len(g) for m, g in model.layout.groups.items()}
     assert (
         counts
         == {
@@ -210,7 +210,7 @@ def test_parity_with_the_release_rule(variant: str) -> None:
             "full": dict(point=3, audio=6, image=5, text=13),
         }[variant]
     )
-    assert sum(len(b["experts"]) for b in model.meta["spaces"].values()) - 7 == (
+    assert sum(len(b["experts"]) for b in model.layout.spaces.values()) - 7 == (
         35 if variant == "base" else 84
     )
     lists, per_space = random_inputs(variant)
@@ -220,7 +220,7 @@ def test_parity_with_the_release_rule(variant: str) -> None:
     for m in got:
         want = release(state, variant, lists[m], m)
         assert torch.allclose(got[m], want, atol=1e-5), (variant, m, (got[m] - want).abs().max())
-        if len(model.meta["groups"][m]) > 1:  # the routers matter: uniform weights differ
+        if len(model.layout.groups[m]) > 1:  # the routers matter: uniform weights differ
             assert (uniform[m] - want).norm(dim=1).max() > 0.05, m
 
 
@@ -230,7 +230,7 @@ def _only(modality: str, emb: dict) -> dict:
 
 def test_uni3d_image_and_text_default_to_eva02() -> None:
     bind = OmniBind(convert_state_dict(official_state_dict("base"), "base"))
-    assert bind.model.meta["shares"] == {"uni3d": {"image": "eva02_e", "text": "eva02_e"}}
+    assert bind.model.layout.shares == {"uni3d": {"image": "eva02_e", "text": "eva02_e"}}
     _, per_space = random_inputs("base")
     explicit = dict(per_space, uni3d={**per_space["uni3d"], **per_space["eva02_e"]})
     for m in ("image", "text"):
@@ -243,9 +243,9 @@ def test_uni3d_image_and_text_default_to_eva02() -> None:
 
 def test_full_blend_is_the_fixed_point_nine_eva18b() -> None:
     model = convert_state_dict(official_state_dict("full"), "full")
-    (blend,) = model.meta["blends"].items()
+    (blend,) = model.layout.blends.items()
     assert blend == ("eva_clip_18b+imagebind", {"eva_clip_18b": 0.9, "imagebind": 0.1})
-    assert model.meta["groups"]["image"][-1] == blend[0]
+    assert model.layout.groups["image"][-1] == blend[0]
     assert "eva_clip_18b" in model.needed_spaces("image")
     assert "eva_clip_18b+imagebind" not in model.needed_spaces("text")
 
@@ -262,7 +262,7 @@ def test_stage_through_train_py(tmp_path: Path) -> None:
     assert Path(cfg.convert.export_dir) == out
     meta = json.loads((out / "omni.json").read_text())
     assert meta["checkpoint"] == str(ckpt.resolve()) and meta["variant"] == "base"
-    model = OmniModel.load(out)
+    model = load_omni(out)
     direct = convert_state_dict(official_state_dict("base"), "base")
     for k, v in direct.state_dict().items():
         assert torch.equal(model.state_dict()[k], v), k

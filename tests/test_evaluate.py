@@ -18,9 +18,11 @@ from lightning_modules.evaluation.methods import make_method
 from lightning_modules.evaluation.metrics import recall_at_k
 from lightning_modules.evaluation.reports import compact_summary
 from lightning_modules.evaluation.scoring import evaluate_method
+from lightning_modules.omni.export import load_bound_space, save_omni
+from lightning_modules.omni.layout import OmniLayout
 from lightning_modules.omni.model import OmniModel
 from lightning_modules.runtime.config import space_configs
-from lightning_modules.stages.bind import BindModule, export_bound_space, load_bound_space
+from lightning_modules.stages.bind import BindModule, export_bound_space
 from train import train
 
 DIM = 512  # clap's dim: the hand-made benchmarks are "clap" caches
@@ -496,7 +498,7 @@ def _tiny_omni(cfg) -> None:
                 predictor_dims={"audio": 512, "image": 1024, "text": 1536},
                 scales={"audio": 1.0, "image": 1.0, "text": 10.0}, spaces=spaces)  # fmt: skip
     torch.manual_seed(0)
-    OmniModel(meta).eval().save(Path(cfg.evaluate.omni_dir) / "tiny")
+    save_omni(OmniModel(OmniLayout.from_dict(meta)).eval(), Path(cfg.evaluate.omni_dir) / "tiny")
 
 
 # Two videos (ids 7, 9) and four captions, two per video, as unit vectors on axes e0, e1, e2:

@@ -15,9 +15,12 @@ from huggingface_hub import ModelCard
 
 from datamodules.artifacts import CacheError, CorruptFileError, sha256_file
 from datamodules.cache import EmbeddingCache, cache_dir
+from lightning_modules.evaluation.methods import embed_cached
 from lightning_modules.inference import Gallery, OmniBind, build_gallery, compose
 from lightning_modules.inference.api import HUB_CARD, HUB_CONFIG, HUB_WEIGHTS
 from lightning_modules.inference.cli import main
+from lightning_modules.omni.export import save_omni
+from lightning_modules.omni.layout import OmniLayout
 from lightning_modules.omni.model import OmniModel
 
 ANCHOR, OMNI = "eva_clip_18b", 1536
@@ -48,7 +51,7 @@ def tiny_model(seed: int = 0, shares: dict | None = None) -> OmniModel:
     )  # fmt: skip
     if shares:
         meta["shares"] = shares
-    model = OmniModel(meta)
+    model = OmniModel(OmniLayout.from_dict(meta))
     for router in model.routers.values():  # spread the router scores: routing must matter
         torch.nn.init.normal_(router.router[6].weight, std=3.0)
     return model.eval()
@@ -196,7 +199,9 @@ def trained_model(seed: int = 0) -> OmniModel:
 
 def test_save_pretrained_round_trip_is_bit_exact(tmp_path: Path) -> None:
     model = trained_model()
-    model.meta.update(pairs="outputs/pairs/tuples.npz", command="python train.py variant=tiny")
+    model.layout = model.layout.replace(
+        record={"pairs": "outputs/pairs/tuples.npz", "command": "python train.py variant=tiny"}
+    )
     bind = OmniBind(model)
     (tmp_path / "results.md").write_text("| method | mean R@1 |\n|---|---|\n| omni | 42.0 |\n")
     out = tmp_path / "hub"
@@ -205,7 +210,7 @@ def test_save_pretrained_round_trip_is_bit_exact(tmp_path: Path) -> None:
         [HUB_CARD, HUB_CONFIG, HUB_WEIGHTS]
     )
     config = json.loads((out / HUB_CONFIG).read_text())
-    assert config["sha256"] == sha256_file(out / HUB_WEIGHTS) and config["omni"] == model.meta
+    assert config["sha256"] == sha256_file(out / HUB_WEIGHTS) and config["omni"] == model.layout.to_dict()
 
     loaded = OmniBind.from_pretrained(out)
     inputs = per_space()
@@ -213,7 +218,7 @@ def test_save_pretrained_round_trip_is_bit_exact(tmp_path: Path) -> None:
         want = OmniBind(model, weighting=weighting).embed_spaces(inputs)
         got = OmniBind.from_pretrained(out, weighting=weighting).embed_spaces(inputs)
         assert all(torch.equal(got[m], want[m]) for m in want)
-    assert loaded.model.meta == model.meta and loaded.weighting == "routed"
+    assert loaded.model.layout == model.layout and loaded.weighting == "routed"
     assert loaded.fingerprint() == OmniBind.from_pretrained(out).fingerprint()
 
     card = ModelCard.load(out / HUB_CARD)
@@ -237,7 +242,7 @@ def test_saved_weighting_is_kept_and_card_is_regenerated(tmp_path: Path) -> None
 
 def test_route_export_loads_through_from_pretrained(tmp_path: Path) -> None:
     model = trained_model()
-    export = model.save(tmp_path / "omni")  # what stage=route and stage=convert write
+    export = save_omni(model, tmp_path / "omni")  # what stage=route and stage=convert write
     (export / "results.md").write_text("| beside | the export |\n")
     bind = OmniBind.from_pretrained(export, weighting="average")
     inputs = per_space()
@@ -298,7 +303,7 @@ def test_compose() -> None:
 
 @pytest.fixture
 def export(tmp_path: Path) -> Path:
-    return tiny_model().save(tmp_path / "omni")
+    return save_omni(tiny_model(), tmp_path / "omni")
 
 
 def test_gallery_is_the_omni_cache_and_search_is_exact(
@@ -308,7 +313,7 @@ def test_gallery_is_the_omni_cache_and_search_is_exact(
     out = tmp_path / "gallery"
     gallery = build_gallery(bind, small_world, "test_audio_text", "audio", out, dtype="float32",
                             chunk=128)  # fmt: skip
-    full = bind.model.embed(small_world, "test_audio_text", "audio")
+    full = embed_cached(bind.model, small_world, "test_audio_text", "audio")
     stored = torch.from_numpy(gallery.cache.load())
     assert torch.allclose(stored, full, atol=1e-6)
     source = EmbeddingCache(cache_dir(small_world, "test_audio_text", "clap", "audio"))
@@ -325,7 +330,7 @@ def test_gallery_is_the_omni_cache_and_search_is_exact(
 
     queries = bind.embed_rows(small_world, "test_audio_text", "text", list(range(20)))
     # 20 rows against chunks of 8192: BLAS may round other shapes differently (1e-6 is 50x that)
-    full_text = bind.model.embed(small_world, "test_audio_text", "text")[:20]
+    full_text = embed_cached(bind.model, small_world, "test_audio_text", "text")[:20]
     assert torch.allclose(queries, full_text, atol=1e-6)
     scores, rows = gallery.search(queries, k=5)
     order = torch.sort(-(queries @ stored.T), dim=1, stable=True).indices[:, :5]

@@ -15,11 +15,14 @@ from safetensors.torch import load_file
 
 from datamodules.artifacts import file_sha256
 from datamodules.cache import CacheError
+from datamodules.projected import PROJECTED
 from encoders.modalities import DIRECTIONS, MODALITIES, PROVENANCES
+from lightning_modules.omni.export import load_omni
 from lightning_modules.omni.layers import Router
+from lightning_modules.omni.layout import OmniLayout
 from lightning_modules.omni.losses import alignment_loss, decoupling_loss, info_nce
 from lightning_modules.omni.model import FixedWeights, OmniModel, specialty_labels
-from lightning_modules.stages.route import PROJECTED, RouteModule
+from lightning_modules.stages.route import RouteModule
 from train import train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -83,7 +86,7 @@ def test_route_weights_sum_to_one_and_embeddings_are_normalised() -> None:
 def test_precomputed_projections_equal_projecting_in_forward() -> None:
     """The route stage's cached projections and OmniModel's own projectors give one result."""
     torch.manual_seed(0)
-    model = OmniModel(_meta(GROUPS)).eval()
+    model = OmniModel(OmniLayout.from_dict(_meta(GROUPS))).eval()
     raw = {g: {m: torch.randn(8, 12) for m in GROUPS} for g in "abcd"} | {
         "pred": {m: torch.randn(8, 12) for m in GROUPS}
     }
@@ -104,7 +107,7 @@ def test_projectors_stay_frozen_in_train_mode() -> None:
     params = {id(p) for g in model.configure_optimizers().param_groups for p in g["params"]}
     assert params == {id(p) for p in model.model.routers.parameters()}
     assert model.configure_optimizers().param_groups[0]["lr"] == 1e-3
-    fixed = RouteModule(_meta(GROUPS), kind="fixed", lr=1e-3, fixed_lr=1e-2)
+    fixed = RouteModule(_meta(GROUPS, kind="fixed"), lr=1e-3, fixed_lr=1e-2)
     assert fixed.configure_optimizers().param_groups[0]["lr"] == 1e-2
 
 
@@ -168,8 +171,8 @@ def test_pipeline_end_to_end_on_a_small_world(small_world: Path, compose_cfg, tm
         assert all(0.0 <= v <= 1.0 for v in keys.values())
     assert score == pytest.approx(methods["routed"]["summary"]["mean_R@1"])
     assert (tmp_path / "runs" / "route-small-routed" / "router_weights.png").stat().st_size > 0
-    model = OmniModel.load(tmp_path / "omni" / "small" / "routed")
-    assert model.meta["groups"]["text"] == ["clap", "imagebind", "uni3d"]
+    model = load_omni(tmp_path / "omni" / "small" / "routed")
+    assert model.layout.groups["text"] == ["clap", "imagebind", "uni3d"]
 
     assert methods["routed"]["tuples"]["pairs"] == "pseudo"
 
@@ -200,7 +203,7 @@ def test_pipeline_end_to_end_on_a_small_world(small_world: Path, compose_cfg, tm
     train(compose_cfg("stage=pipeline", *overrides, "route.lr=0.002", specialty))
     assert export.stat().st_mtime_ns != routed
     assert bound.stat().st_mtime_ns == before[1]
-    assert OmniModel.load(export.parent).meta["specialty"]["imagebind"] == "audio"
+    assert load_omni(export.parent).layout.specialty["imagebind"] == "audio"
 
 
 def test_route_names_the_bind_command_for_an_unbound_space(small_world: Path, compose_cfg) -> None:
@@ -358,5 +361,5 @@ def test_routing_learns_and_no_export_validates_below_its_start(
     assert mean["frozen"] == mean["average"], mean  # the test above would fail for it
     assert mean["wrecked"] == mean["average"], mean
     for name in ("routed", "frozen", "wrecked"):
-        meta = OmniModel.load(tmp_path / "omni" / "small" / name).meta
+        meta = load_omni(tmp_path / "omni" / "small" / name).layout.to_dict()
         assert meta["best_val_mean_R1"] >= meta["start_val_mean_R1"], (name, meta)

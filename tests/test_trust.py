@@ -22,8 +22,9 @@ from datamodules.cache import CacheError, CacheWriter, cache_dir
 from datamodules.items import RawDataError, list_items
 from datamodules.tuples import load_tuples, save_tuples
 from lightning_modules.inference.cli import main
+from lightning_modules.omni.export import load_bound_space, load_omni, save_omni
+from lightning_modules.omni.layout import OmniLayout
 from lightning_modules.omni.model import OmniModel
-from lightning_modules.stages.bind import load_bound_space
 from lightning_modules.stages.extract import run as extract
 from train import train
 
@@ -84,9 +85,9 @@ def test_route_reads_the_pool_name_from_the_tuple_table(
     train(compose_cfg("stage=bind", "space=clap", *QUICK_BIND, *common, shared_data=False))
     train(compose_cfg("stage=route", "route.epochs=1", "route.batch_size=256", *common,
                       shared_data=False))  # fmt: skip
-    model = OmniModel.load(tmp_path / "omni" / "small" / "routed")
-    assert model.meta["groups"] == {"audio": ["clap"], "text": ["clap"]}
-    assert model.meta["tuples_sha256"] == file_sha256(tuples)
+    model = load_omni(tmp_path / "omni" / "small" / "routed")
+    assert model.layout.groups == {"audio": ["clap"], "text": ["clap"]}
+    assert model.layout.record["tuples_sha256"] == file_sha256(tuples)
     assert (tmp_path / "projected" / "unpaired" / "clap@omni" / "audio").is_dir()
     assert not (tmp_path / "projected" / "pool").exists()
 
@@ -108,7 +109,7 @@ def test_search_cli_without_network_fails_at_once_naming_the_missing_files(tmp_p
                              out_dim=16, hidden_dim=8, experts=["mix"], renormalize=False)},
         encoders={"clap": {"encoder": encoder, "dims": {"audio": 512, "text": 512}}},
     )  # fmt: skip
-    export = OmniModel(meta).save(tmp_path / "omni")
+    export = save_omni(OmniModel(OmniLayout.from_dict(meta)), tmp_path / "omni")
     gallery = tmp_path / "gallery"
     writer = CacheWriter(gallery, space="omni", modality="audio", dim=16, dtype="float32")
     writer.append(np.eye(4, 16, dtype=np.float32), np.arange(4))
@@ -171,7 +172,7 @@ def test_search_names_each_hit_s_file_and_class(tmp_path: Path, capsys) -> None:
                            hidden_dim=8, experts=["mix"], renormalize=False)},
     )  # fmt: skip
     torch.manual_seed(0)
-    export = OmniModel(meta).eval().save(tmp_path / "omni")
+    export = save_omni(OmniModel(OmniLayout.from_dict(meta)).eval(), tmp_path / "omni")
     source = cache_dir(tmp_path, "shelf", "sp", "image")
     writer = CacheWriter(source, space="sp", modality="image", dim=8)
     ids = np.array([0, 2, 3])  # item 1 failed to extract: rows are not ids

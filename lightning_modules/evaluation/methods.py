@@ -20,9 +20,9 @@ import torch.nn.functional as F
 
 from datamodules.cache import CacheError, EmbeddingCache, cache_dir
 from encoders.modalities import MODALITIES
-from lightning_modules.omni.model import WEIGHTINGS, OmniModel, modalities_of
+from lightning_modules.omni.export import load_bound_space, load_omni
+from lightning_modules.omni.model import WEIGHTINGS, OmniModel
 from lightning_modules.runtime.config import space_configs
-from lightning_modules.stages.bind import load_bound_space
 
 
 class Method(Protocol):
@@ -99,19 +99,47 @@ class OmniExport:
                              "average")  # fmt: skip
         directory = Path(omni_dir) / where
         try:
-            self.model = OmniModel.load(directory)
+            self.model = load_omni(directory)
         except CacheError as e:
             raise CacheError(f"method {name!r}: {e}; train it with stage=route") from e
-        self.name, self.modalities = name, tuple(modalities_of(self.model.meta))
-        meta = self.model.meta
-        self.tuples = {k: meta[k] for k in ("pairs", "tuples_sha256") if k in meta}
+        self.name, self.modalities = name, tuple(self.model.layout.modalities)
+        record = self.model.layout.record
+        self.tuples = {k: record[k] for k in ("pairs", "tuples_sha256") if k in record}
         self.spaces = list(
             dict.fromkeys(s for m in self.modalities for s in self.model.needed_spaces(m))
         )
 
     def embed(self, root: Path, dataset: str, modality: str) -> torch.Tensor:
         """Omni embeddings (n, omni dim) through the modality's router and groups."""
-        return self.model.embed(root, dataset, modality, weighting=self.weighting)
+        return embed_cached(self.model, root, dataset, modality, weighting=self.weighting)
+
+
+@torch.no_grad()
+def embed_cached(
+    model: OmniModel,
+    root: str | Path,
+    dataset: str,
+    modality: str,
+    weighting: str = "routed",
+    chunk: int = 8192,
+) -> torch.Tensor:
+    """Omni embeddings (n, omni_dim) of a cached dataset, computed in chunks."""
+    groups = model.layout.groups
+    if modality not in groups:
+        raise ValueError(f"the omni model has no groups for {modality!r}; it has {list(groups)}")
+    caches = {
+        s: EmbeddingCache(cache_dir(root, dataset, s, modality))
+        for s in model.needed_spaces(modality)
+    }
+    n = {c.count for c in caches.values()}
+    if len(n) != 1:
+        raise CacheError(f"{Path(root) / dataset}: caches of {modality} disagree on row count {n}")
+    loaded = {s: torch.from_numpy(c.load()) for s, c in caches.items()}
+    parts = [
+        model.embed_spaces(modality, {s: x[i : i + chunk] for s, x in loaded.items()}, weighting)
+        for i in range(0, n.pop(), chunk)
+    ]
+    return torch.cat(parts)
 
 
 # One line per kind of method: spec `<kind>:<argument>`.
@@ -120,6 +148,21 @@ METHODS: dict[str, Callable[[str, str, Path, Path], Method]] = {
     "bound": BoundSpace,
     "omni": OmniExport,
 }
+
+
+def parse_method(spec: str) -> tuple[str, str, str]:
+    """`[<name>=]<kind>:<argument>` -> (name, kind, argument); the name defaults to the spec."""
+    spec = str(spec)
+    name, sep, rest = spec.partition("=")
+    if not sep or ":" in name:  # no name given: the spec names itself
+        name, rest = spec, spec
+    kind, _, argument = rest.partition(":")
+    if kind not in METHODS or not argument or not name:
+        raise ValueError(
+            f"evaluate.methods: {spec!r} is not [<name>=]<kind>:<argument> with kind in "
+            f"{list(METHODS)}"
+        )
+    return name, kind, argument
 
 
 def make_method(
@@ -131,16 +174,7 @@ def make_method(
     """The method of `[<name>=]<kind>:<argument>`: `raw:clap`, `avg=omni:base/routed:average`.
 
     spaces: the run's space configs by name (what `raw:` reads a space's dims from)."""
-    spec = str(spec)
-    name, sep, rest = spec.partition("=")
-    if not sep or ":" in name:  # no name given: the spec names itself
-        name, rest = spec, spec
-    kind, _, argument = rest.partition(":")
-    if kind not in METHODS or not argument or not name:
-        raise ValueError(
-            f"evaluate.methods: {spec!r} is not [<name>=]<kind>:<argument> with kind in "
-            f"{list(METHODS)}"
-        )
+    name, kind, argument = parse_method(spec)
     if kind == "raw":
         return RawSpace(name, argument, Path(bound_dir), Path(omni_dir), spaces)
     return METHODS[kind](name, argument, Path(bound_dir), Path(omni_dir))

@@ -30,25 +30,19 @@ from lightning_modules.runtime.config import hub_files
 
 # isort: split
 import numpy as np
-import safetensors.torch
 import torch
 import torch.nn.functional as F
 from huggingface_hub import ModelCard, ModelHubMixin, hf_hub_download
-from safetensors import SafetensorError
 
 from datamodules import artifacts
-from datamodules.artifacts import atomic_write, atomic_write_json, file_sha256, verify_file
+from datamodules.artifacts import file_sha256
 from datamodules.cache import CacheError, EmbeddingCache, cache_dir
 from encoders import build_encoder, encoder_class
 from encoders.modalities import MODALITIES, check_modality, resolve_device
 from lightning_modules.inference.card import model_card_text
-from lightning_modules.omni.model import (
-    EXPORT_META,
-    EXPORT_WEIGHTS,
-    WEIGHTINGS,
-    OmniModel,
-    modalities_of,
-)
+from lightning_modules.omni import export
+from lightning_modules.omni.export import OMNI_META, OMNI_WEIGHTS, layout_of, load_omni
+from lightning_modules.omni.model import WEIGHTINGS, OmniModel
 from lightning_modules.pairing.search import pool_rows
 
 # What save_pretrained writes (Hugging Face conventions) and the config.json format tag.
@@ -84,7 +78,7 @@ class OmniBind(
         self.encoders = dict(encoders or {})
         self.weighting = weighting
         # Spaces whose modality is another space's embedding (Uni3D's image/text are EVA02-E's).
-        self.shares: dict[str, dict[str, str]] = model.meta.get("shares", {})
+        self.shares: dict[str, dict[str, str]] = model.layout.shares
 
     @classmethod
     def load(
@@ -95,11 +89,9 @@ class OmniBind(
         device: str | torch.device = "cpu",
     ) -> OmniBind:
         """From an omni export directory (stage=route or stage=convert)."""
-        bind = cls(OmniModel.load(directory), encoders, weighting, device)
+        bind = cls(load_omni(directory), encoders, weighting, device)
         bind.directory = Path(directory)
-        bind.weights_sha256 = bind.model.meta.get("sha256") or file_sha256(
-            bind.directory / EXPORT_WEIGHTS
-        )
+        bind.weights_sha256 = file_sha256(bind.directory / OMNI_WEIGHTS)  # verified on load
         return bind
 
     @classmethod
@@ -120,9 +112,9 @@ class OmniBind(
         """
         path = Path(pretrained_model_name_or_path)
         if path.is_dir() and not (path / HUB_CONFIG).exists():
-            if not (path / EXPORT_META).exists():
+            if not (path / OMNI_META).exists():
                 raise CacheError(f"{path}: neither a save_pretrained directory ({HUB_CONFIG}) "
-                                 f"nor an omni export ({EXPORT_META})")  # fmt: skip
+                                 f"nor an omni export ({OMNI_META})")  # fmt: skip
             return cls.load(path, encoders, weighting or "routed", device)
         chosen = {"encoders": encoders, "weighting": weighting, "device": device}
         model_kwargs = {k: v for k, v in chosen.items() if v is not None}
@@ -159,16 +151,13 @@ class OmniBind(
                 repo_id=model_id, filename=HUB_WEIGHTS, revision=revision, cache_dir=cache_dir,
                 force_download=force_download, token=token, local_files_only=local_files_only,
             ))  # fmt: skip
-        verify_file(weights, config.get("sha256"), recorded_in=where,
-                    repair="save it again with save_pretrained, or download it again "
-                           "(force_download=True)")  # fmt: skip
-        meta = config.get("omni")
-        try:
-            model = OmniModel(meta, meta.get("kind", "routed"))
-            model.load_state_dict(safetensors.torch.load_file(str(weights)), strict=True)
-        except (RuntimeError, OSError, SafetensorError, KeyError, TypeError, AttributeError) as e:
-            raise CacheError(f"{weights}: does not match the layout in {where} ({e!r})") from e
-        bind = cls(model.eval(), encoders, weighting, device)
+        if config.get("sha256") is None:
+            raise CacheError(f"{where}: records no sha256 of {HUB_WEIGHTS}; save it again")
+        model = OmniModel(layout_of(config.get("omni") or {}, where))
+        export.read_weights(model, weights, config["sha256"], where,
+                            "save it again with save_pretrained, or download it again "
+                            "(force_download=True)")  # fmt: skip
+        bind = cls(model, encoders, weighting, device)
         bind.directory, bind.weights_sha256 = weights.parent, config["sha256"]
         return bind
 
@@ -194,17 +183,8 @@ class OmniBind(
 
     def _save_pretrained(self, save_directory: Path) -> None:
         """ModelHubMixin's hook: the weights (safetensors), then config.json with their sha256."""
-        tensors = {k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}
-        data = safetensors.torch.save(tensors, metadata={"format": "pt"})
-        atomic_write(save_directory / HUB_WEIGHTS, lambda f: f.write(data))
-        config = dict(
-            format=HUB_FORMAT,
-            weighting=self.weighting,
-            sha256=hashlib.sha256(data).hexdigest(),
-            # The export's own digest of omni.safetensors would be stale here: config has ours.
-            omni={k: v for k, v in self.model.meta.items() if k != "sha256"},
-        )
-        atomic_write_json(save_directory / HUB_CONFIG, config)
+        config = dict(format=HUB_FORMAT, weighting=self.weighting, omni=self.model.layout.to_dict())
+        export.write(save_directory, HUB_WEIGHTS, HUB_CONFIG, self.model, config)
 
     def generate_model_card(
         self, results: str | Path | None = None, command: str | None = None, **kwargs: Any
@@ -237,16 +217,16 @@ class OmniBind(
 
     @property
     def modalities(self) -> list[str]:
-        return modalities_of(self.model.meta)
+        return self.model.layout.modalities
 
     @property
     def dim(self) -> int:
         """The omni dim (the anchor's)."""
-        return next(iter(self.model.meta["spaces"].values()))["out_dim"]
+        return self.model.layout.out_dim
 
     def needed(self, modality: str) -> list[str]:
         """The spaces whose `modality` embeddings the model reads."""
-        if modality not in self.model.meta["groups"]:
+        if modality not in self.model.layout.groups:
             raise ValueError(f"the omni model embeds {self.modalities}, not {modality!r}")
         return self.model.needed_spaces(modality)
 
@@ -287,10 +267,8 @@ class OmniBind(
         return out
 
     def _check(self, x: torch.Tensor, space: str, modality: str) -> torch.Tensor:
-        meta = self.model.meta
-        want = (
-            self.dim if space == meta["anchor"] else meta["spaces"].get(space, {}).get("dims", {})
-        )
+        layout = self.model.layout
+        want = self.dim if space == layout.anchor else layout.spaces.get(space, {}).get("dims", {})
         want = want.get(modality) if isinstance(want, dict) else want
         if x.ndim != 2 or (want is not None and x.shape[1] != want):
             raise ValueError(f"{space}/{modality}: embeddings of shape {tuple(x.shape)}, expected "
@@ -335,7 +313,7 @@ class OmniBind(
                 if m not in calls[self.source(space, m)]:
                     calls[self.source(space, m)].append(m)
         for space in calls:  # the spaces' own encoders, as the route stage recorded them
-            if space not in self.encoders and space in self.model.meta.get("encoders", {}):
+            if space not in self.encoders and space in self.model.layout.encoders:
                 self.encoders[space] = self._build_encoder(space)
         absent = sorted(s for s in calls if s not in self.encoders)
         if absent:
@@ -357,7 +335,7 @@ class OmniBind(
 
     def _build_encoder(self, space: str):
         """The frozen encoder of `space` from the export's `encoders` record."""
-        record = self.model.meta["encoders"][space]
+        record = self.model.layout.encoders[space]
         if encoder_class(record["encoder"]).precomputed:
             raise ValueError(f"space {space!r} reads precomputed dumps, which cannot embed a new "
                              "item; pass OmniBind(..., encoders={space: encoder})")  # fmt: skip

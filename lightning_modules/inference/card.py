@@ -11,40 +11,40 @@ if TYPE_CHECKING:
 
 def model_card_text(bind: OmniBind, results: str | None, command: str | None) -> str:
     """The markdown body of an omni model's card."""
-    meta = bind.model.meta
-    name = f"OmniBind {meta.get('variant', '')} ({meta.get('kind', 'routed')})".replace(" ()", "")
+    layout, record = bind.model.layout, bind.model.layout.record
+    name = f"OmniBind {layout.variant or ''} ({layout.kind})".replace("  (", " (")
     lines = [
         f"# {name}",
         "",
         "An omni embedding model trained with the open OmniBind framework "
         "([paper](https://arxiv.org/abs/2407.11895)). It maps "
-        f"embeddings of {len(meta['spaces']) + 1} frozen spaces into one {bind.dim}-d space (the "
-        f"anchor `{meta['anchor']}`'s) for {', '.join(bind.modalities)}. Outputs are "
+        f"embeddings of {len(layout.spaces) + 1} frozen spaces into one {bind.dim}-d space (the "
+        f"anchor `{layout.anchor}`'s) for {', '.join(bind.modalities)}. Outputs are "
         "L2-normalised.",
         "",
         "## Spaces",
         "",
         "| space | input dims | experts | hidden dim |",
         "|---|---|---|---|",
-        f"| `{meta['anchor']}` (anchor, used as is) | {bind.dim} | | |",
+        f"| `{layout.anchor}` (anchor, used as is) | {bind.dim} | | |",
     ]
-    for space, b in meta["spaces"].items():
+    for space, b in layout.spaces.items():
         dims = ", ".join(f"{m} {d}" for m, d in b["dims"].items())
         experts = ", ".join(map(str, b["experts"]))
         lines.append(f"| `{space}` | {dims} | {experts} | {b['hidden_dim']} |")
     lines += ["", "## Routing", "", "| modality | groups | router reads |", "|---|---|---|"]
     for m in bind.modalities:
-        groups = ", ".join(f"`{g}`" for g in meta["groups"][m])
-        predictors = ", ".join(f"`{p}`" for p in meta["predictors"][m])
+        groups = ", ".join(f"`{g}`" for g in layout.groups[m])
+        predictors = ", ".join(f"`{p}`" for p in layout.predictors[m])
         lines.append(f"| {m} | {groups} | {predictors} |")
-    if meta.get("blends"):
-        lines += ["", f"Fixed blends: `{json.dumps(meta['blends'], sort_keys=True)}`."]
-    if meta.get("checkpoint_sha256"):
-        digest = meta["checkpoint_sha256"]
+    if layout.blends:
+        lines += ["", f"Fixed blends: `{json.dumps(layout.blends, sort_keys=True)}`."]
+    if record.get("checkpoint_sha256"):
+        digest = record["checkpoint_sha256"]
         source = f"converted from an official OmniBind checkpoint (sha256 `{digest}`)"
     else:
-        source = f"`{meta['pairs']}`" if meta.get("pairs") else "not recorded in the export"
-    command = command or meta.get("command")
+        source = f"`{record['pairs']}`" if record.get("pairs") else "not recorded in the export"
+    command = command or record.get("command")
     lines += [
         "",
         "## Training data",

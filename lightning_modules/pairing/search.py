@@ -70,7 +70,7 @@ def _block(x: Array, start: int, stop: int, device: torch.device) -> torch.Tenso
     return torch.from_numpy(arr).to(device=device, dtype=torch.float32)
 
 
-def _order_ties(values: torch.Tensor, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def order_ties(values: torch.Tensor, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Sort each row of (rows, k) results by value descending, then by index ascending."""
     by_index = index.argsort(dim=1)
     values, index = values.gather(1, by_index), index.gather(1, by_index)
@@ -88,7 +88,7 @@ def _block_topk(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tenso
     if len(crowded):
         sv, si = scores.index_select(0, crowded).sort(dim=1, descending=True, stable=True)
         values[crowded], index[crowded] = sv[:, :k], si[:, :k]
-    return _order_ties(values, index)
+    return order_ties(values, index)
 
 
 def _reduce(scores: torch.Tensor, best: torch.Tensor, arg: torch.Tensor, offset: int) -> None:
@@ -278,7 +278,7 @@ def search_faiss(
                 if len(tied):
                     exact = _block_topk(qb[tied] @ torch.from_numpy(gb).T, k)
                     values[tied], rows[tied] = exact
-            values, rows = _order_ties(values, rows)
+            values, rows = order_ties(values, rows)
             merged_v = torch.cat([best[i : i + chunk], values], 1)
             merged_i = torch.cat([arg[i : i + chunk], rows + j], 1)
             order = merged_v.argsort(dim=1, descending=True, stable=True)[:, :k]

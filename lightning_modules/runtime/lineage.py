@@ -29,6 +29,8 @@ from omegaconf import DictConfig
 from datamodules.artifacts import STAMP as VERIFIED
 from encoders.modalities import MODALITIES
 from lightning_modules.evaluation.benchmarks import columns
+from lightning_modules.evaluation.methods import parse_method
+from lightning_modules.omni.export import BOUND_META, OMNI_META
 from lightning_modules.runtime.config import pairs_source, tuples_path
 
 log = logging.getLogger(__name__)
@@ -37,7 +39,6 @@ log = logging.getLogger(__name__)
 # (lightning_modules/stages/pipeline.py STAMP); neither is part of the model, and both change between
 # machines and runs, which would change the artifact's digest.
 LEFT_OUT = {VERIFIED, "pipeline_config.json"}
-BOUND_META, OMNI_META = "bound.json", "omni.json"  # bind.EXPORT_META, omni.EXPORT_META
 PAIRS_SUMMARY = "pairs_summary.json"  # pair.SUMMARY, written beside the tuple table
 
 
@@ -202,9 +203,7 @@ def scored_exports(cfg: DictConfig) -> list[Path]:
     """The export folders that `evaluate.methods` scores (bound: and omni: methods), once each."""
     ev, found = cfg.evaluate, []
     for spec in ev.methods:
-        name, sep, rest = str(spec).partition("=")  # as methods.make_method parses it
-        rest = rest if sep and ":" not in name else str(spec)
-        kind, _, argument = rest.partition(":")
+        _, kind, argument = parse_method(spec)
         if kind == "bound":
             found.append(Path(ev.bound_dir) / argument)
         elif kind == "omni":

@@ -39,6 +39,7 @@ from datamodules.cache import DTYPES
 from encoders.modalities import MODALITIES, PROVENANCES
 from encoders.readers import LoadSettings
 from encoders.video import AUDIO_WEIGHT
+from lightning_modules.pairing.ann import SEARCHES
 from lightning_modules.pairing.clean import Clean
 
 log = logging.getLogger(__name__)
@@ -72,6 +73,7 @@ def _names(value: Any) -> bool:
     return isinstance(value, list) and all(isinstance(v, str) for v in value)
 
 
+Count = Annotated[StrictInt, Field(ge=1)]  # an integer >= 1
 Experts = either("freebind or a list of subset names", lambda v: v == "freebind" or _names(v))
 PairModalities = either("auto or a list of modalities", lambda v: v == "auto" or _names(v))
 Manifests = either("a manifest path or a list of them", lambda v: isinstance(v, str) or _names(v))
@@ -138,6 +140,13 @@ class Pair:
     gallery_chunk: Int
     backend: Literal["torch", "faiss"]
     device: Str
+    search: Literal[SEARCHES]  # exact | ivf | hnsw (lightning_modules/pairing/ann.py)
+    nlist: Count
+    nprobe: Count
+    hnsw_m: Count
+    ef_search: Count
+    ef_construction: Count
+    recall_queries: Count
     dedupe: Bool
     min_tuples: Int
     clean: Clean  # declared in lightning_modules/pairing/clean.py (its own checks run in the stage)

@@ -14,19 +14,9 @@ import lightning as L
 import torch
 import torch.distributed as dist
 from omegaconf import DictConfig
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
-from torchmetrics import MeanMetric
 
-from datamodules.artifacts import (
-    CacheError,
-    atomic_write,
-    atomic_write_json,
-    sha256_file,
-    verify_file,
-)
 from encoders.modalities import LETTERS, MODALITIES, PAIRS
-from lightning_modules.evaluation.metrics import compute_directions, direction_metrics
+from lightning_modules.omni.export import save_bound_space
 from lightning_modules.omni.layers import ProjectorMixture
 from lightning_modules.omni.losses import info_nce
 from lightning_modules.runtime import lineage
@@ -37,10 +27,10 @@ from lightning_modules.runtime.config import (
     validation_record,
 )
 from lightning_modules.runtime.training import fit_best
+from lightning_modules.stages.validation import RetrievalValidation
 
 log = logging.getLogger(__name__)
 FREEBIND_EXPERTS = ("mix", "A", "T", "V", "AT", "AV", "TV")
-EXPORT_WEIGHTS, EXPORT_META = "projectors.safetensors", "bound.json"
 
 
 def expert_starts(experts: str | list[str]) -> dict[str, list[int]]:
@@ -78,7 +68,7 @@ def retrieval_sides(space_mods: list[str], anchor_mods: list[str]) -> list[tuple
     ]
 
 
-class BindModule(L.LightningModule):
+class BindModule(RetrievalValidation):
     """Projectors of one space, trained with Eq. 1 against the anchor's embeddings."""
 
     def __init__(
@@ -116,9 +106,7 @@ class BindModule(L.LightningModule):
             for m in dims
             for n in anchor_dims
         }
-        self.val_pairs = retrieval_sides(list(dims), list(anchor_dims))
-        self.recall = direction_metrics(self.val_pairs)
-        self.val_loss = MeanMetric()
+        self.setup_validation(retrieval_sides(list(dims), list(anchor_dims)))
 
     def embed(self, emb: dict[str, dict[str, torch.Tensor]], modality: str) -> torch.Tensor:
         """A batch of `modality` in the omni space: projected if the space has it, else anchor."""
@@ -169,19 +157,7 @@ class BindModule(L.LightningModule):
 
     def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
         a, b = self.val_pairs[dataloader_idx]
-        ea, eb = self.embed(batch["emb"], a), self.embed(batch["emb"], b)
-        ids = batch["index"]
-        self.recall[f"{a}_to_{b}"].update(ea, ids, ids, eb, ids)
-        self.recall[f"{b}_to_{a}"].update(eb, ids, ids, ea, ids)
-        self.val_loss.update(info_nce(ea, eb, self.hparams.temperature), weight=len(ids))
-
-    def on_validation_epoch_end(self) -> None:
-        scores = compute_directions(self.recall)
-        if "val/mean_R@1" in scores:
-            self.log("val/mean_R@1", scores.pop("val/mean_R@1"), prog_bar=True)
-        self.log_dict(scores)
-        self.log("val/loss", self.val_loss.compute())
-        self.val_loss.reset()
+        self.score_pair(batch, self.embed(batch["emb"], a), self.embed(batch["emb"], b), a, b)
 
     def configure_optimizers(self):
         hp = self.hparams
@@ -199,16 +175,9 @@ class BindModule(L.LightningModule):
 
 
 def export_bound_space(model: BindModule, directory: str | Path, **extra) -> Path:
-    """Write the projectors (safetensors) and their metadata (JSON, written last)."""
-    directory = Path(directory)
+    """Export a bind module's projectors with their record (omni/export.py's format)."""
     hp = model.hparams
-    tensors = {k: v.detach().cpu().contiguous() for k, v in model.mixture.state_dict().items()}
-    tmp = directory / f".{EXPORT_WEIGHTS}.tmp"
-    directory.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(tmp))
-    atomic_write(directory / EXPORT_WEIGHTS, lambda f: f.write(tmp.read_bytes()))
-    tmp.unlink()
-    meta = dict(
+    record = dict(
         space=hp.space,
         anchor=hp.anchor,
         dims=dict(hp.dims),
@@ -216,38 +185,9 @@ def export_bound_space(model: BindModule, directory: str | Path, **extra) -> Pat
         hidden_dim=hp.hidden_dim,
         experts=list(model.starts),
         renormalize=hp.renormalize,
-        sha256=sha256_file(directory / EXPORT_WEIGHTS),
         **extra,
     )
-    atomic_write_json(directory / EXPORT_META, meta)
-    return directory
-
-
-def load_bound_space(directory: str | Path) -> tuple[ProjectorMixture, dict]:
-    """A bound space's projectors (eval mode) and metadata; every key and shape must match."""
-    import json
-
-    directory = Path(directory)
-    meta_path = directory / EXPORT_META
-    if not meta_path.exists():
-        raise CacheError(f"{directory}: no bound space here ({EXPORT_META} missing)")
-    try:
-        meta = json.loads(meta_path.read_text())
-        in_dim = next(iter(meta["dims"].values()))
-        mixture = ProjectorMixture(
-            in_dim, meta["out_dim"], meta["hidden_dim"], len(meta["experts"]), meta["renormalize"]
-        )
-    except (ValueError, KeyError, TypeError, StopIteration, AttributeError) as e:
-        raise CacheError(f"{meta_path}: not a valid bound-space description ({e!r})") from e
-    weights = directory / EXPORT_WEIGHTS
-    if "sha256" in meta and weights.exists():
-        verify_file(weights, meta["sha256"], recorded_in=meta_path,
-                    repair=f"rerun stage=bind space={meta.get('space')} to rewrite it")  # fmt: skip
-    try:
-        mixture.load_state_dict(load_file(str(weights)), strict=True)
-    except (RuntimeError, OSError, SafetensorError) as e:
-        raise CacheError(f"{directory / EXPORT_WEIGHTS}: does not match {EXPORT_META} ({e})") from e
-    return mixture.eval(), meta
+    return save_bound_space(model.mixture, directory, record)
 
 
 def run(cfg: DictConfig) -> float:

@@ -2,7 +2,7 @@
 
 `python train.py stage=convert variant=base|large|full convert.checkpoint=FILE` reads the
 release's state dict and writes `omni.json` + `omni.safetensors` (lightning_modules/omni/model.py) to
-`convert.export_dir`, which `OmniModel.load`, the evaluate stage (`omni:<variant>/official`) and
+`convert.export_dir`, which `omni.export.load_omni`, the evaluate stage (`omni:<variant>/official`) and
 `lightning_modules/inference/api.py` read like a route-stage export.
 
 The release's layout (DESIGN.md, "Facts from the official inference release", checked against
@@ -46,6 +46,8 @@ import torch
 from omegaconf import DictConfig
 
 from datamodules.cache import CacheError, sha256_file
+from lightning_modules.omni.export import save_omni
+from lightning_modules.omni.layout import OmniLayout
 from lightning_modules.omni.model import OmniModel
 from lightning_modules.runtime.config import space_configs
 
@@ -169,7 +171,7 @@ def convert_state_dict(
                                  hidden_dim=hidden, experts=layout["projs"][name],
                                  renormalize=False, source="official")  # fmt: skip
     predictor_dims = {m: sum(dims[p][m] for p in ps) for m, ps in layout["predictors"].items()}
-    meta = dict(
+    omni = OmniLayout(
         variant=variant,
         kind="routed",
         anchor=anchor,
@@ -180,9 +182,9 @@ def convert_state_dict(
         predictor_dims=predictor_dims,
         scales={m: SCALES[m] for m in layout["groups"]},
         spaces=meta_spaces,
-        source="official OmniBind release",
+        record={"source": "official OmniBind release"},
     )
-    model = OmniModel(meta, "routed")
+    model = OmniModel(omni)
     target = model.state_dict()
     source_of = {k: _official_key(k, layout) for k in target}  # ours -> the release's
     expected = set(source_of.values())
@@ -245,9 +247,10 @@ def run(cfg: DictConfig) -> None:
         raise ValueError(f"variant {variant!r}: the official layout needs spaces {absent} that "
                          f"conf/variant/{variant}.yaml does not name")  # fmt: skip
     model = convert_state_dict(load_checkpoint(path), variant, cfg.anchor.name, where=str(path))
-    model.meta["checkpoint"] = str(path.resolve())
-    model.meta["checkpoint_sha256"] = sha256_file(path)
-    out = model.save(cfg.convert.export_dir)
-    counts = {m: len(g) for m, g in model.meta["groups"].items()}
+    model.layout = model.layout.replace(
+        record={"checkpoint": str(path.resolve()), "checkpoint_sha256": sha256_file(path)}
+    )
+    out = save_omni(model, cfg.convert.export_dir)
+    counts = {m: len(g) for m, g in model.layout.groups.items()}
     log.info("official OmniBind-%s (%d tensors) exported to %s; groups per modality %s",
              variant, len(model.state_dict()), out, counts)  # fmt: skip

@@ -41,6 +41,10 @@ from datamodules.cache import (
 )
 from datamodules.tuples import save_tuples
 from encoders.modalities import MODALITIES, PROVENANCES, check_modality, resolve_device
+from lightning_modules.pairing.ann import Ann
+from lightning_modules.pairing.ann import csls_bias as ann_csls_bias
+from lightning_modules.pairing.ann import search_pass as ann_search_pass
+from lightning_modules.pairing.ann import search_steps as ann_steps
 from lightning_modules.pairing.clean import (
     Clean,
     apply_cells,
@@ -61,7 +65,7 @@ from lightning_modules.pairing.plan import (
     parse_routes,
     plan_paths,
 )
-from lightning_modules.pairing.search import csls_bias, pool_rows, search, search_steps
+from lightning_modules.pairing.search import Array, csls_bias, pool_rows, search, search_steps
 from lightning_modules.pairing.stats import flat_metrics, rule_stats, summarize
 from lightning_modules.runtime import lineage
 from lightning_modules.runtime.config import ensure_data, space_configs, to_plain
@@ -122,9 +126,10 @@ def run(cfg: DictConfig) -> float | None:
     pc = cfg.pair
     clean = Clean.from_config(pc.get("clean"))
     min_tuples = int(pc.get("min_tuples", 1))
+    ann = Ann.from_config(pc)
     pools = _open_pools(cfg, clean)
     passes = _search_passes(pools, clean, int(pc.topk))
-    found = _exact_search(pools, passes, clean, pc)
+    found = _search(pools, passes, clean, pc, ann, int(cfg.seed))
     tuples = build_tuples(pools.plan, found.nearest, pools.sizes, pools.modalities)
     labels, coarse = _concept_labels(pools.caches)
     text_prov = _text_provenance(pools)
@@ -134,7 +139,7 @@ def run(cfg: DictConfig) -> float | None:
         stages.append(_measure_rule(rule, tuples, keep, labels, coarse, min_tuples))
     cleaned = _finish_table(tuples, keep, clean, found, pc, text_prov, min_tuples)
 
-    summary = _write_outputs(pc, pools, clean, found, cleaned, stages, labels, coarse)
+    summary = _write_outputs(pc, pools, clean, ann, found, cleaned, stages, labels, coarse)
     lineage.log_pair(_log_metrics(cfg, stages), Path(pc.output), summary)  # table and Artifact
     if labels is None:
         return None
@@ -313,16 +318,24 @@ def _search_passes(pools: Pools, clean: Clean, k: int) -> list[SearchPass]:
     return passes
 
 
-def _exact_search(
-    pools: Pools, passes: Sequence[SearchPass], clean: Clean, pc: DictConfig
+def _search(
+    pools: Pools, passes: Sequence[SearchPass], clean: Clean, pc: DictConfig, ann: Ann, seed: int
 ) -> Found:
-    """Run the passes (pair.backend, pair.device, blocks of pair.chunk x pair.gallery_chunk)."""
+    """Run the passes: exact (pair.backend, pair.device, blocks of pair.chunk x
+    pair.gallery_chunk), or by the approximate index of pair.search (ann.py)."""
     sizes, caches = pools.sizes, pools.caches
     device = resolve_device(pc.device)
     chunk, gchunk, backend = int(pc.chunk), int(pc.gallery_chunk), str(pc.backend)
     kw = dict(backend=backend, chunk=chunk, gallery_chunk=gchunk, device=device)
-    total = sum(search_steps(sizes[a], sizes[b], (a, b) in w, (b, a) in w, backend, chunk, gchunk)
-                + (csls and search_steps(sizes[a], sizes[b], True, True, backend, chunk, gchunk))
+
+    def steps(a: str, b: str, directions: Mapping[str, int]) -> int:
+        if ann.approximate:
+            return ann_steps(sizes[a], sizes[b], directions, chunk)
+        a_to_b, b_to_a = "a_to_b" in directions, "b_to_a" in directions
+        return search_steps(sizes[a], sizes[b], a_to_b, b_to_a, backend, chunk, gchunk)
+
+    both = {"a_to_b": 1, "b_to_a": 1}
+    total = sum(steps(a, b, _directions(a, b, w)) + (csls and steps(a, b, both))
                 for _, a, b, w, csls, _ in passes)  # fmt: skip
 
     nearest: dict[tuple[str, str], tuple[np.ndarray, np.ndarray]] = {}
@@ -331,21 +344,33 @@ def _exact_search(
     t0 = time.perf_counter()
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                TimeRemainingColumn()]  # fmt: skip
+    what = "exact" if not ann.approximate else ann.search
     with Progress(*columns, disable=not pc.progress) as bar:
-        task = bar.add_task("pair: exact top-k search", total=total)
+        task = bar.add_task(f"pair: {what} top-k search", total=total)
         advance = lambda n: bar.advance(task, n)  # noqa: E731
         for name, a, b, want, csls, is_second in passes:
             bar.update(task, description=f"pair: {a}-{b} in {name}")
             ta = time.perf_counter()
             xa, xb = pool_rows(caches[(name, a)]), pool_rows(caches[(name, b)])
-            bias = {}
-            if csls:
-                if clean.csls > min(sizes[a], sizes[b]):
-                    raise ValueError(f"pair.clean.csls={clean.csls} exceeds the {a} or {b} pool")
-                a_bias, b_bias = csls_bias(xa, xb, clean.csls, advance=advance, **kw)
-                bias = dict(a_bias=a_bias, b_bias=b_bias)
-            res = search(xa, xb, max(want.values()), a_to_b=(a, b) in want,
-                         b_to_a=(b, a) in want, advance=advance, **bias, **kw)  # fmt: skip
+            if csls and clean.csls > min(sizes[a], sizes[b]):
+                raise ValueError(f"pair.clean.csls={clean.csls} exceeds the {a} or {b} pool")
+            if ann.approximate:
+                akw = dict(chunk=chunk, seed=seed, exact=kw, advance=advance)
+                res, how = _approximate_pass(xa, xb, _directions(a, b, want), csls and clean.csls,
+                                             ann, akw)  # fmt: skip
+                for key, entry in how.pop("csls", {}).items():  # the penalties' own searches
+                    x, y = (a, b) if key == "a_to_b" else (b, a)
+                    report.append(dict(space=name, query=x, gallery=y, queries=sizes[x],
+                                       gallery_rows=sizes[y], topk=clean.csls, csls=False,
+                                       role="csls_penalty", **entry))  # fmt: skip
+            else:
+                bias = {}
+                if csls:
+                    a_bias, b_bias = csls_bias(xa, xb, clean.csls, advance=advance, **kw)
+                    bias = dict(a_bias=a_bias, b_bias=b_bias)
+                res = search(xa, xb, max(want.values()), a_to_b=(a, b) in want,
+                             b_to_a=(b, a) in want, advance=advance, **bias, **kw)  # fmt: skip
+                how = {}
             for key, (x, y) in (("a_to_b", (a, b)), ("b_to_a", (b, a))):
                 if key not in res:
                     continue
@@ -354,13 +379,60 @@ def _exact_search(
                     second[(x, y)] = rows
                 else:
                     nearest[(x, y)] = (scores, rows)
-                report.append(dict(space=name, query=x, gallery=y, queries=len(rows),
-                                   gallery_rows=sizes[y], topk=want[(x, y)], csls=bool(csls),
-                                   role="cross_space" if is_second else "route",
-                                   mean_top1_score=float(scores[:, 0].mean())))  # fmt: skip
+                entry = dict(space=name, query=x, gallery=y, queries=len(rows),
+                             gallery_rows=sizes[y], topk=want[(x, y)], csls=bool(csls),
+                             role="cross_space" if is_second else "route",
+                             mean_top1_score=float(scores[:, 0].mean()))  # fmt: skip
+                report.append({**entry, **how.get(key, dict(index="exact"))})
+                _log_index(report[-1], ann)
             log.info("pair: %s-%s in %s: %.1f s", a, b, name, time.perf_counter() - ta)
     seconds = time.perf_counter() - t0
     return Found(nearest, second, report, seconds, backend, str(device))
+
+
+def _approximate_pass(
+    xa: Array, xb: Array, directions: Mapping[str, int], csls: int, ann: Ann, akw: Mapping
+) -> tuple[dict, dict]:
+    """({direction: (scores, rows)}, {direction: report}) of one pass by ann.py's index; with
+    csls > 0 the search is hubness-corrected by penalties from approximate top-csls searches,
+    whose reports come under "csls" ({direction: report})."""
+    bias, how = {}, {}
+    if csls:
+        a_bias, b_bias, penalty = ann_csls_bias(xa, xb, csls, ann, **akw)
+        bias = dict(a_bias=a_bias, b_bias=b_bias)
+        how["csls"] = {key: d.report for key, d in penalty.items()}
+    found = ann_search_pass(xa, xb, directions, ann, **bias, **akw)
+    how.update({key: d.report for key, d in found.items()})
+    return {key: (d.scores, d.rows) for key, d in found.items()}, how
+
+
+def _log_index(entry: Mapping, ann: Ann) -> None:
+    """One line per approximate direction: its recall@1, or that it fell back to exact."""
+    where = f"pair: {entry['query']}->{entry['gallery']} in {entry['space']}"
+    if entry.get("fallback"):
+        log.warning("%s: exact search instead of pair.search=%s: %s", where, ann.search,
+                    entry["fallback"])  # fmt: skip
+    elif ann.approximate:
+        log.info("%s: %s recall@1 %.4f on %d queries (build %.1f s, search %.1f s)", where,
+                 ann.search, entry["recall_at_1"], entry["recall_queries"],
+                 entry["build_seconds"], entry["search_seconds"])  # fmt: skip
+
+
+def _directions(a: str, b: str, want: Mapping[tuple[str, str], int]) -> dict[str, int]:
+    """{"a_to_b": k, "b_to_a": k} of the directions of a route pass that want names."""
+    return {key: want[d] for key, d in (("a_to_b", (a, b)), ("b_to_a", (b, a))) if d in want}
+
+
+def _index_summary(ann: Ann, report: Sequence[Mapping]) -> dict:
+    """The summary's `search_index`: the index asked for, its settings, each direction that fell
+    back to exact search, and the lowest recall@1 measured."""
+    recalls = [r["recall_at_1"] for r in report if r.get("recall_at_1") is not None]
+    fallbacks = {f"{r['space']}:{r['query']}->{r['gallery']}": r["fallback"]
+                 for r in report if r.get("fallback")}  # fmt: skip
+    build = round(sum(r.get("build_seconds", 0.0) for r in report), 3)
+    return dict(search=ann.search, settings=ann.settings(), recall_queries=ann.recall_queries,
+                fallbacks=fallbacks, min_recall_at_1=min(recalls) if recalls else None,
+                build_seconds=build)  # fmt: skip
 
 
 # ---------------------------------------------------------------------------- cleaning
@@ -494,6 +566,7 @@ def _write_outputs(
     pc: DictConfig,
     pools: Pools,
     clean: Clean,
+    ann: Ann,
     found: Found,
     cleaned: Cleaned,
     stages: list[dict],
@@ -520,6 +593,7 @@ def _write_outputs(
         **summarize(final, labels, coarse),
         duplicates_removed=cleaned.duplicates_removed,
         rules=stages,
+        search_index=_index_summary(ann, found.report),
         search=found.report,
         search_seconds=round(found.seconds, 3),
     )

@@ -19,8 +19,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from datamodules.artifacts import atomic_write_json, file_sha256, fingerprint
 from datamodules.cache import CacheError
 from datamodules.tuples import load_tuples
-from lightning_modules.omni.model import EXPORT_WEIGHTS as OMNI_WEIGHTS
-from lightning_modules.omni.model import OmniModel
+from lightning_modules.omni.export import BOUND_WEIGHTS, OMNI_WEIGHTS, load_bound_space, load_omni
 from lightning_modules.runtime.config import pairs_source, space_configs, to_plain
 from lightning_modules.runtime.lineage import stage_changes
 from lightning_modules.stages import bind, evaluate, extract, pair, route
@@ -131,8 +130,8 @@ def _bind_all(cfg: DictConfig, tuples: str, suffix: str = "") -> dict[str, str]:
             f"bind {name}{suffix}",
             directory,
             _digest(sub, keys, tuples=tuples),
-            lambda d=directory: file_sha256(d / bind.EXPORT_WEIGHTS),
-            lambda d=directory: bind.load_bound_space(d),
+            lambda d=directory: file_sha256(d / BOUND_WEIGHTS),
+            lambda d=directory: load_bound_space(d),
             lambda s=sub: bind.run(s),
         )
     return bound
@@ -150,7 +149,7 @@ def _route(cfg: DictConfig, name: str, overrides: dict, inputs: dict) -> Path:
         export,
         _digest(sub, [*DATA_KEYS, "variant", "route", "model.route", "loss"], **inputs),
         lambda: file_sha256(export / OMNI_WEIGHTS),
-        lambda: OmniModel.load(export),
+        lambda: load_omni(export),
         lambda: route.run(sub),
     )
     return export
