@@ -104,8 +104,8 @@ def build(cfg: DictConfig, root: Path) -> tuple[BindModule, EmbeddingDataModule]
         renormalize=cfg.bind.renormalize,
         temperature=cfg.loss.temperature,
         loss_weights=to_plain(cfg.loss.weights),
-        lr=cfg.bind.lr,
-        weight_decay=cfg.bind.weight_decay,
+        optimizer=to_plain(cfg.model.bind.optimizer),
+        scheduler=to_plain(cfg.model.bind.scheduler),
         warmup_fraction=cfg.bind.warmup_fraction,
     )
     return model, dm

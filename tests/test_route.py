@@ -39,6 +39,10 @@ def test_router_shapes_and_layout() -> None:
     ]  # fmt: skip
 
 
+# conf/model/route.yaml's optimizer, as a `_partial_` config
+ADAM = {"_target_": "torch.optim.Adam", "_partial_": True, "lr": 1e-3}
+
+
 def _meta(groups: dict, dim: int = 24, kind: str = "routed") -> dict:
     spaces = {
         g: dict(dims={m: 12 for m in groups}, out_dim=dim, hidden_dim=16, experts=["mix"],
@@ -100,14 +104,14 @@ def test_precomputed_projections_equal_projecting_in_forward() -> None:
 
 
 def test_projectors_stay_frozen_in_train_mode() -> None:
-    model = RouteModule(_meta(GROUPS)).train()
+    model = RouteModule(_meta(GROUPS), optimizer=ADAM).train()
     assert not any(p.requires_grad for p in model.model.projectors.parameters())
     assert not any(m.training for m in model.model.projectors.modules())
     assert all(p.requires_grad for p in model.model.routers.parameters())
     params = {id(p) for g in model.configure_optimizers().param_groups for p in g["params"]}
     assert params == {id(p) for p in model.model.routers.parameters()}
     assert model.configure_optimizers().param_groups[0]["lr"] == 1e-3
-    fixed = RouteModule(_meta(GROUPS, kind="fixed"), lr=1e-3, fixed_lr=1e-2)
+    fixed = RouteModule(_meta(GROUPS, kind="fixed"), optimizer=ADAM, fixed_lr=1e-2)
     assert fixed.configure_optimizers().param_groups[0]["lr"] == 1e-2
 
 
@@ -263,7 +267,7 @@ def test_routers_start_uniform_and_held_routers_stay_uniform() -> None:
     from torch.utils.data import DataLoader
 
     torch.manual_seed(0)
-    model = RouteModule(_meta(GROUPS), train=["text"])
+    model = RouteModule(_meta(GROUPS), train=["text"], optimizer=ADAM)
     batch = _route_batch(GROUPS)
     with torch.no_grad():
         start = model.eval()(batch["emb"])

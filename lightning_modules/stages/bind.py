@@ -82,8 +82,8 @@ class BindModule(RetrievalValidation):
         renormalize: bool = False,
         temperature: float = 0.03,
         loss_weights: dict[str, float] | None = None,
-        lr: float = 1e-3,
-        weight_decay: float = 0.0,
+        optimizer: dict | None = None,
+        scheduler: dict | None = None,
         warmup_fraction: float = 0.05,
         gather: bool = True,
     ) -> None:
@@ -160,17 +160,16 @@ class BindModule(RetrievalValidation):
         self.score_pair(batch, self.embed(batch["emb"], a), self.embed(batch["emb"], b), a, b)
 
     def configure_optimizers(self):
+        """`optimizer` and the per-step `scheduler` (`_partial_` configs): warm-up over
+        `warmup_fraction` of the fit's steps."""
         hp = self.hparams
-        opt = torch.optim.AdamW(self.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
+        if hp.optimizer is None or hp.scheduler is None:
+            raise ValueError("BindModule: no optimizer or scheduler configured (conf/model/bind.yaml)")
+        opt = hydra.utils.instantiate(hp.optimizer)(self.parameters())
         total = max(int(self.trainer.estimated_stepping_batches), 1)
-        warmup = int(hp.warmup_fraction * total)
-
-        def schedule(step: int) -> float:  # linear warm-up, then cosine decay to zero
-            if step < warmup:
-                return (step + 1) / warmup
-            return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(total - warmup, 1)))
-
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+        sched = hydra.utils.instantiate(hp.scheduler)(
+            opt, num_warmup_steps=int(hp.warmup_fraction * total), num_training_steps=total
+        )
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 
@@ -201,7 +200,8 @@ def run(cfg: DictConfig) -> float:
         raise ValueError(f"space {space.name!r} declares no modality (space.dims is empty)")
     # A space need not share a modality with the anchor: Eq. 1 pairs its modalities with the
     # anchor's through the tuples (a point-only space binds to image-text via 3D-image tuples).
-    model: BindModule = hydra.utils.instantiate(cfg.model.bind)
+    # _recursive_=False: the optimizer and scheduler stay configs (plain hyperparameters)
+    model: BindModule = hydra.utils.instantiate(cfg.model.bind, _recursive_=False)
     root = ensure_data(cfg, [space.name, anchor.name])
     dims = {(s.name, m): d for s in (space, anchor) for m, d in s.dims.items()}
     datamodule = hydra.utils.instantiate(cfg.datamodule)(

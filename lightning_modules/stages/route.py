@@ -98,9 +98,8 @@ class RouteModule(RetrievalValidation):
         temperature: float = 0.03,
         align: float = 1.0,
         lambda_dec: float = 3.0,
-        lr: float = 1e-3,
+        optimizer: dict | None = None,
         fixed_lr: float = 1e-2,
-        weight_decay: float = 0.0,
         gather: bool = True,
         train: list[str] | None = None,
         align_mode: str = "all",
@@ -209,10 +208,14 @@ class RouteModule(RetrievalValidation):
                 self.log(f"router/{key}/{g}", value)
 
     def configure_optimizers(self):
+        """`optimizer` (a `_partial_` config) over the routers that train; fixed weights, a few
+        constants, take larger steps (`fixed_lr`)."""
         hp = self.hparams
-        lr = hp.lr if self.model.layout.kind == "routed" else hp.fixed_lr  # fixed: a few constants, larger steps
+        if hp.optimizer is None:
+            raise ValueError("RouteModule: no optimizer configured (conf/model/route.yaml)")
         params = [p for p in self.model.routers.parameters() if p.requires_grad]
-        return torch.optim.Adam(params, lr=lr, weight_decay=hp.weight_decay)
+        fixed = {} if self.model.layout.kind == "routed" else {"lr": hp.fixed_lr}
+        return hydra.utils.instantiate(hp.optimizer)(params, **fixed)
 
 
 def variant_layout(cfg: DictConfig, bound: dict[str, tuple]) -> OmniLayout:
