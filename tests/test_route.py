@@ -250,7 +250,7 @@ def test_route_steps_under_bf16_mixed_on_cpu() -> None:
     from torch.utils.data import DataLoader
 
     torch.manual_seed(0)
-    model = RouteModule(_meta(GROUPS))
+    model = RouteModule(_meta(GROUPS), optimizer=ADAM)
     before = {k: v.clone() for k, v in model.model.routers.state_dict().items()}
     trainer = L.Trainer(accelerator="cpu", precision="bf16-mixed", fast_dev_run=2, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False)  # fmt: skip
@@ -318,7 +318,8 @@ def test_leave_retriever_out_drops_the_retrievers_groups_per_pair_term() -> None
     groups = {"audio": ["a", "b"], "text": ["a", "b", "c", "d"]}
     links = {"text": {"audio_text": ["a"]}}  # text-started tuples: audio retrieved by `a`
     torch.manual_seed(0)
-    model = RouteModule(_meta(groups), align_mode="leave_retriever_out", links=links, gather=False)
+    model = RouteModule(_meta(groups), align_mode="leave_retriever_out", links=links, gather=False,
+                        optimizer=ADAM)
     batch = _route_batch(groups)
     batch["start"] = torch.tensor(
         [MODALITIES.index("text")] * 16 + [MODALITIES.index("audio")] * 16
