@@ -3,9 +3,9 @@
     python bench/claims.py [--world-seeds 0 1 2] [--train-seeds 0 1 2] [--quick] [--finished]
                            [-- overrides]
 
-Runs the main job (`python train.py`: pair -> bind -> routes -> evaluate) once per (world seed,
-training seed) pair, as `data.seed=W seed=T`, each into its own directory under
-bench/claims_results/runs/<tag>/. A world's caches and bound spaces are shared by its training
+Runs the full main job (`python train.py experiment=full`: pair -> bind -> every route recipe
+-> evaluate) once per (world seed, training seed) pair, as `data.seed=W seed=T`, each into its
+own directory under bench/claims_results/runs/<tag>/. A world's caches and bound spaces are shared by its training
 seeds (`bind.seed=0`, one `route.bound_dir` per world): the training seeds vary the routes, the
 methods compared, over the same projectors; the world seeds vary everything. A
 pair whose results.json exists is skipped, so an interrupted sweep resumes. `--quick` is 2 x 2
@@ -259,7 +259,8 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv[: argv.index("--")] if "--" in argv else argv)
     default = [0, 1] if args.quick else [0, 1, 2]
     worlds, trains = args.world_seeds or default, args.train_seeds or default
-    overrides = [*(small_world() if args.quick else []), *extra]
+    # experiment=full: the main job with every route recipe and the oracle row, on full pools.
+    overrides = ["experiment=full", *(small_world() if args.quick else []), *extra]
     tag = "quick" if args.quick else "full"
     if extra:  # other settings, other runs: never resume a run made with different overrides
         tag += "-" + hashlib.sha256("\n".join(extra).encode()).hexdigest()[:8]

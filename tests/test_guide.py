@@ -85,7 +85,7 @@ def test_demo_raw_experiment_runs_end_to_end(tmp_path: Path) -> None:
     _run(argv, tmp_path)
     run = tmp_path / "runs" / "pipeline-demo"
     methods = json.loads((run / "results.json").read_text())["methods"]
-    assert {"average", "routed", "fixed", "routed_l0"} <= set(methods)
+    assert {"average", "routed", "fixed"} <= set(methods)
     for name in ("average", "routed"):
         keys = set(methods[name]["retrieval"])
         assert {"text_to_image/R@1", "video_to_text/R@1"} <= keys, keys

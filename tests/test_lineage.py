@@ -25,9 +25,7 @@ from lightning_modules.runtime import lineage
 from train import train
 
 # The main job at its smallest: one route run, no oracle upper bound, one epoch a stage.
-PIPELINE = ("stage=pipeline", "variant=small", "~pipeline.routes.fixed",
-            "~pipeline.routes.routed_l0", "~pipeline.routes.routed_paper", "pipeline.oracle=false",
-            "bind.epochs=1", "bind.hidden_dim=64", "bind.batch_size=256", "route.epochs=1",
+PIPELINE = ("stage=pipeline", "variant=small", "~pipeline.routes.fixed", "bind.epochs=1", "bind.hidden_dim=64", "bind.batch_size=256", "route.epochs=1",
             "route.batch_size=256")  # fmt: skip
 SPACES = ("clap", "imagebind", "uni3d")  # variant=small
 
