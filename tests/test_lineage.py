@@ -25,8 +25,8 @@ from lightning_modules.runtime import lineage
 from train import train
 
 # The main job at its smallest: one route run, no oracle upper bound, one epoch a stage.
-PIPELINE = ("stage=pipeline", "variant=small", "~pipeline.routes.fixed", "bind.epochs=1", "bind.hidden_dim=64", "bind.batch_size=256", "route.epochs=1",
-            "route.batch_size=256")  # fmt: skip
+PIPELINE = ("stage=pipeline", "variant=small", "~pipeline.routes.fixed", "bind.epochs=1",
+            "bind.hidden_dim=64", "bind.batch_size=256", "route.epochs=1", "route.batch_size=256")  # fmt: skip
 SPACES = ("clap", "imagebind", "uni3d")  # variant=small
 
 

@@ -161,11 +161,12 @@ def _mean_r1(method: dict, text_only: bool = False) -> float:
 
 def test_pipeline_end_to_end_on_a_small_world(small_world: Path, compose_cfg, tmp_path: Path,
                                               caplog) -> None:  # fmt: skip
-    # On pseudo tuples from the pair stage; the oracle row is the slow main-job test's.
+    # On pseudo tuples from the pair stage; no oracle row (experiment=full's).
     overrides = [*SMALL_VARIANT, "bind.epochs=1", "bind.hidden_dim=64", "bind.batch_size=256",
                  "route.epochs=2", "route.batch_size=256", "pipeline.oracle=false"]  # fmt: skip
     # routed_l0 (experiment=full's) added, to check below that each route starts from the seed.
-    cfg = compose_cfg("stage=pipeline", *overrides, "+pipeline.routes.routed_l0={loss.lambda_dec:0.0}")
+    cfg = compose_cfg("stage=pipeline", *overrides,
+                      "+pipeline.routes.routed_l0={loss.lambda_dec:0.0}")  # fmt: skip
     score = train(cfg)
     methods = _results(Path(cfg.run_dir))
     assert {"average", "routed", "fixed", "routed_l0"} <= set(methods)
@@ -221,14 +222,14 @@ def test_default_command_runs_the_method_on_pseudo_tuples(tmp_path: Path) -> Non
     """`python train.py` (the README's quick main job) end to end on the default world.
 
     It trains `routed` and `fixed` on the pair stage's pseudo tuples and says so; the other
-    recipes and the oracle row are experiment=full's (bench/claims.py). The paper's claims are measured over seeds with confidence intervals by bench/claims.py, not
-    asserted from one run here.
+    recipes and the oracle row are experiment=full's. The paper's claims are measured over seeds
+    with confidence intervals by bench/claims.py, not asserted from one run here.
     """
     env = {k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"}  # see test_ops._env
     env |= {"HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
     cmd = [sys.executable, str(REPO / "train.py"), f"paths.output_dir={tmp_path}",
            "trainer.enable_progress_bar=false"]  # fmt: skip
-    # The whole quick main job: about 3 minutes alone, far more on a shared machine.
+    # The whole quick main job: minutes alone, far more on a shared machine.
     done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=2700)
     assert done.returncode == 0, done.stderr[-3000:]
     run = tmp_path / "runs" / "pipeline-base"
