@@ -68,6 +68,15 @@ def test_default_config() -> None:
     assert cfg.bind.export_dir.endswith("bound/uni3d")
 
 
+def test_the_quick_jobs_pools_stay_with_its_world() -> None:
+    # The quick job's smaller pools come with its world (data=world_v2_quick), so a data choice
+    # on the command line keeps its own pools, and experiment=full the calibrated 8,000.
+    pools = {ov: compose_config(list(ov)).data.get("pool_size") for ov in
+             [(), ("experiment=full",), ("data=world_medium",), ("data=demo_raw",)]}  # fmt: skip
+    assert pools[()]["text"] == 4000 and pools[("experiment=full",)]["text"] == 8000
+    assert pools[("data=world_medium",)]["text"] == 160000 and pools[("data=demo_raw",)] is None
+
+
 @pytest.mark.parametrize("name", SPACES)
 def test_space_files_are_consistent(name: str) -> None:
     space = compose_config([f"space={name}"]).space
