@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import compose_config
 from test_search import _brute, _gauss
 
 from datamodules.cache import CacheError, CacheWriter, EmbeddingCache, cache_dir
@@ -22,6 +24,7 @@ from lightning_modules.pairing.plan import (
     plan_paths,
 )
 from lightning_modules.pairing.stats import summarize
+from lightning_modules.runtime.config import to_plain
 from lightning_modules.stages.pair import SUMMARY
 from train import train
 
@@ -302,16 +305,20 @@ def test_stage_auto_leaves_out_routes_without_pools(compose_cfg, tmp_path: Path)
 
 
 def test_clean_config_names_wrong_keys_and_values() -> None:
-    assert Clean.from_config(None) == Clean() and not Clean().cross
-    with pytest.raises(ValueError, match=r"pair.clean has unknown keys \['mutal'\]"):
-        Clean.from_config({"mutal": True})
-    with pytest.raises(ValueError, match=r"pair.clean.csls=-1; expected an integer >= 0"):
-        Clean.from_config({"csls": -1})
-    with pytest.raises(ValueError, match=r"pair.clean.mutual='yes'; expected true or false"):
-        Clean.from_config({"mutual": "yes"})
-    with pytest.raises(ValueError, match=r"provenance_targets.video: unknown provenance"):
-        Clean.from_config({"provenance_targets": {"video": ["image"]}})
-    assert Clean.from_config({"cross_threshold": 0.5}).cross
+    config = to_plain(compose_config([]).pair.clean)  # conf/config.yaml declares every rule
+    assert Clean.from_config(config).provenance and not Clean.from_config(config).cross
+    assert Clean.from_config({**config, "cross_threshold": 0.5}).cross
+    for change, expected in [
+        ({"mutal": True}, "pair.clean.mutal: Unexpected keyword argument"),
+        ({"csls": -1}, "pair.clean.csls: Input should be greater than or equal to 0"),
+        ({"mutual": "yes"}, "pair.clean.mutual: Input should be a valid boolean"),
+        ({"provenance_targets": {"video": ["image"]}}, "pair.clean.provenance_targets.video"),
+    ]:
+        with pytest.raises(ValueError, match=re.escape(expected)):
+            Clean.from_config({**config, **change})
+    # A rule the config leaves out is an error, not a silent code default.
+    with pytest.raises(ValueError, match=r"pair.clean.soft: Field required"):
+        Clean.from_config({k: v for k, v in config.items() if k != "soft"})
 
 
 def _hop(item, score, query=None) -> Hop:

@@ -9,65 +9,53 @@ provenance, max_reuse) and measures the tuples left after each; `soft` then weig
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, fields
+from typing import Annotated, Literal
 
 import numpy as np
+from pydantic import (
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+    StrictStr,
+    ValidationError,
+)
+from pydantic.dataclasses import dataclass
 
 from datamodules.tuples import modalities_of
-from encoders.modalities import PROVENANCES, check_modality
+from encoders.modalities import MODALITIES, PROVENANCES
 from lightning_modules.pairing.plan import Hop, Nearest
 from lightning_modules.pairing.search import ShardRows, take_rows
 from lightning_modules.runtime.config import to_plain
 
+NonNegative = Annotated[StrictInt, Field(ge=0)]  # 0: the rule is off
 
-@dataclass(frozen=True)
+
+@dataclass(frozen=True, config=ConfigDict(extra="forbid"))
 class Clean:
-    """The cleaning rules of `pair.clean` (conf/config.yaml documents each); all off by default."""
+    """The cleaning rules of `pair.clean`; conf/config.yaml declares and documents each value."""
 
-    csls: int = 0
-    mutual: bool = False
-    cross_k: int = 0
-    cross_threshold: float | None = None
-    cross_spaces: dict = field(default_factory=dict)
-    provenance: bool = False
-    provenance_targets: dict = field(
-        default_factory=lambda: {
-            "point": ["point", "image"],
-            "audio": ["audio"],
-            "image": ["image"],
-        }
-    )
-    max_reuse: int = 0
-    soft: bool = False
-    soft_temperature: float = 0.05
+    csls: NonNegative
+    mutual: StrictBool
+    cross_k: NonNegative
+    cross_threshold: StrictFloat | None
+    cross_spaces: dict[StrictStr, StrictStr]
+    provenance: StrictBool
+    provenance_targets: dict[Literal[PROVENANCES], list[Literal[MODALITIES]]]
+    max_reuse: NonNegative
+    soft: StrictBool
+    soft_temperature: Annotated[StrictFloat, Field(gt=0)]
 
     @classmethod
-    def from_config(cls, cfg: Mapping | None) -> Clean:
-        """Validate `pair.clean`, naming a wrong key or value."""
-        cfg = dict(to_plain(cfg) or {})
-        names = [f.name for f in fields(cls)]
-        unknown = sorted(set(cfg) - set(names))
-        if unknown:
-            raise ValueError(f"pair.clean has unknown keys {unknown}; expected some of {names}")
-        out = cls(**cfg)
-        for key in ("csls", "cross_k", "max_reuse"):
-            value = getattr(out, key)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"pair.clean.{key}={value!r}; expected an integer >= 0 (0: off)")
-        for key in ("mutual", "provenance", "soft"):
-            if not isinstance(getattr(out, key), bool):
-                raise ValueError(f"pair.clean.{key}={getattr(out, key)!r}; expected true or false")
-        if out.soft_temperature <= 0:
-            raise ValueError(f"pair.clean.soft_temperature={out.soft_temperature}; expected > 0")
-        for p, targets in out.provenance_targets.items():
-            if p not in PROVENANCES:
-                raise ValueError(
-                    f"pair.clean.provenance_targets.{p}: unknown provenance; expected one of "
-                    f"{list(PROVENANCES)}"
-                )
-            for m in targets:
-                check_modality(m, f"pair.clean.provenance_targets.{p}")
-        return out
+    def from_config(cls, cfg: Mapping) -> Clean:
+        """`pair.clean` as a Clean; a wrong, missing or unknown key raises naming it."""
+        try:
+            return cls(**to_plain(cfg))
+        except ValidationError as e:
+            problems = [f"pair.clean.{'.'.join(map(str, err['loc']))}: {err['msg']}"
+                        for err in e.errors()]  # fmt: skip
+            raise ValueError("; ".join(problems)) from None
 
     def provenance_codes(self, m: str) -> list[int]:
         """The provenance indices whose captions may describe an item of m (provenance_targets)."""

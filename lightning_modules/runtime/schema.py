@@ -149,7 +149,7 @@ class Pair:
     recall_queries: Count
     dedupe: Bool
     min_tuples: Int
-    clean: Clean  # declared in lightning_modules/pairing/clean.py (its own checks run in the stage)
+    clean: Clean  # typed in lightning_modules/pairing/clean.py
     progress: Bool
     output: Str
 

@@ -124,7 +124,7 @@ class Cleaned(NamedTuple):
 def run(cfg: DictConfig) -> float | None:
     """Build, clean and summarise the pseudo tuple table; returns the mean concept agreement."""
     pc = cfg.pair
-    clean = Clean.from_config(pc.get("clean"))
+    clean = Clean.from_config(pc.clean)
     min_tuples = int(pc.get("min_tuples", 1))
     ann = Ann.from_config(pc)
     pools = _open_pools(cfg, clean)
