@@ -25,11 +25,9 @@ from typing import Any
 
 import numpy as np
 
-from datamodules.artifacts import (  # noqa: F401  (re-exported: old imports keep working)
+from datamodules.artifacts import (
     CacheError,
-    CorruptFileError,
     atomic_save_npy,
-    atomic_write,
     atomic_write_json,
     sha256_file,
     verify_files,

@@ -19,7 +19,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from datamodules.cache import CacheError, EmbeddingCache, cache_dir
+from datamodules.artifacts import CacheError
+from datamodules.cache import EmbeddingCache, cache_dir
 from datamodules.tuples import check_pool_rows, load_tuples, modalities_of, weights_of
 from encoders.modalities import MODALITIES
 

@@ -19,14 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from datamodules.cache import (
-    MANIFEST,
-    CacheError,
-    CacheWriter,
-    atomic_write_json,
-    finalize,
-    read_manifest,
-)
+from datamodules.artifacts import CacheError, atomic_write_json
+from datamodules.cache import MANIFEST, CacheWriter, finalize, read_manifest
 from datamodules.items import Items
 
 log = logging.getLogger(__name__)

@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from datamodules.cache import CacheError
+from datamodules.artifacts import CacheError
 from datamodules.embeddings import EmbeddingDataModule
 from datamodules.tuples import load_tuples
 from lightning_modules.omni.export import BOUND_META as EXPORT_META

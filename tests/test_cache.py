@@ -10,14 +10,8 @@ import numpy as np
 import pytest
 
 from datamodules import artifacts
-from datamodules.cache import (
-    MANIFEST,
-    CacheError,
-    CacheWriter,
-    EmbeddingCache,
-    cache_dir,
-    finalize,
-)
+from datamodules.artifacts import CacheError
+from datamodules.cache import MANIFEST, CacheWriter, EmbeddingCache, cache_dir, finalize
 
 DIM = 8
 

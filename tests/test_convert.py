@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from conftest import compose_config
 
-from datamodules.cache import CacheError
+from datamodules.artifacts import CacheError
 from lightning_modules.inference import OmniBind
 from lightning_modules.omni.export import load_omni
 from lightning_modules.stages.convert import convert_state_dict, load_checkpoint

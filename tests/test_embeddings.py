@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from datamodules.cache import CacheError, CacheWriter, cache_dir
+from datamodules.artifacts import CacheError
+from datamodules.cache import CacheWriter, cache_dir
 from datamodules.embeddings import CacheRows, EmbeddingDataModule
 from datamodules.tuples import save_tuples
 from encoders.modalities import MODALITIES

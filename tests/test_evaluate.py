@@ -12,7 +12,8 @@ import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
-from datamodules.cache import CacheError, CacheWriter, EmbeddingCache, cache_dir
+from datamodules.artifacts import CacheError
+from datamodules.cache import CacheWriter, EmbeddingCache, cache_dir
 from lightning_modules.evaluation.benchmarks import load_benchmarks, prompt_sets, zeroshot_prompts
 from lightning_modules.evaluation.methods import make_method
 from lightning_modules.evaluation.metrics import recall_at_k

@@ -16,7 +16,8 @@ import torch
 from conftest import REPO, compose_config
 from omegaconf import OmegaConf
 
-from datamodules.cache import CacheError, EmbeddingCache, cache_dir
+from datamodules.artifacts import CacheError
+from datamodules.cache import EmbeddingCache, cache_dir
 from datamodules.extraction import RawDataModule, RawDataset
 from datamodules.items import Items, RawDataError, list_items
 from datamodules.jobs import ExtractJob

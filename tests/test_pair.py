@@ -11,7 +11,8 @@ import pytest
 from conftest import compose_config
 from test_search import _brute, _gauss
 
-from datamodules.cache import CacheError, CacheWriter, EmbeddingCache, cache_dir
+from datamodules.artifacts import CacheError
+from datamodules.cache import CacheWriter, EmbeddingCache, cache_dir
 from datamodules.tuples import load_tuples, save_tuples, weights_of
 from encoders.modalities import MODALITIES, PROVENANCES
 from lightning_modules.pairing.clean import Clean, apply_cells, reuse_keep, soft_conf

@@ -13,8 +13,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from datamodules.artifacts import file_sha256
-from datamodules.cache import CacheError
+from datamodules.artifacts import CacheError, file_sha256
 from datamodules.projected import PROJECTED
 from encoders.modalities import DIRECTIONS, MODALITIES, PROVENANCES
 from lightning_modules.omni.export import load_omni

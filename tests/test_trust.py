@@ -17,8 +17,8 @@ import torch
 from conftest import REPO, compose_config
 from PIL import Image
 
-from datamodules.artifacts import file_sha256
-from datamodules.cache import CacheError, CacheWriter, cache_dir
+from datamodules.artifacts import CacheError, file_sha256
+from datamodules.cache import CacheWriter, cache_dir
 from datamodules.items import RawDataError, list_items
 from datamodules.tuples import load_tuples, save_tuples
 from lightning_modules.inference.cli import main

@@ -16,7 +16,8 @@ from conftest import compose_config
 from omegaconf import OmegaConf
 from torch import nn
 
-from datamodules.cache import EmbeddingCache, cache_dir, sha256_file
+from datamodules.artifacts import sha256_file
+from datamodules.cache import EmbeddingCache, cache_dir
 from datamodules.extraction import RawDataModule
 from datamodules.items import list_items
 from datamodules.jobs import ExtractJob

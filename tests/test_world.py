@@ -10,7 +10,8 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from datamodules.cache import CacheError, EmbeddingCache, cache_dir, sha256_file
+from datamodules.artifacts import CacheError, sha256_file
+from datamodules.cache import EmbeddingCache, cache_dir
 from datamodules.synthetic.world import V2_KEYS, World, ensure_world, fingerprint
 from datamodules.tuples import load_tuples
 from encoders.modalities import MODALITIES, PAIRS, PROVENANCES

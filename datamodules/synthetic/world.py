@@ -47,14 +47,8 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from datamodules.cache import (
-    CacheError,
-    CacheWriter,
-    atomic_write_json,
-    cache_dir,
-    cache_is_complete,
-    read_manifest,
-)
+from datamodules.artifacts import CacheError, atomic_write_json
+from datamodules.cache import CacheWriter, cache_dir, cache_is_complete, read_manifest
 from datamodules.tuples import save_tuples
 from encoders.modalities import MODALITIES, PAIRS, PROVENANCES
 from encoders.video import audio_track_weight, join_audio

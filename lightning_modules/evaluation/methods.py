@@ -18,7 +18,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from datamodules.cache import CacheError, EmbeddingCache, cache_dir
+from datamodules.artifacts import CacheError
+from datamodules.cache import EmbeddingCache, cache_dir
 from encoders.modalities import MODALITIES
 from lightning_modules.omni.export import load_bound_space, load_omni
 from lightning_modules.omni.model import WEIGHTINGS, OmniModel

@@ -17,7 +17,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from datamodules.cache import CacheError, EmbeddingCache, cache_dir
+from datamodules.artifacts import CacheError
+from datamodules.cache import EmbeddingCache, cache_dir
 from lightning_modules.evaluation.benchmarks import (
     MAPPING_SUFFIXES,
     Benchmarks,

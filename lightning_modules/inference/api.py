@@ -35,8 +35,8 @@ import torch.nn.functional as F
 from huggingface_hub import ModelCard, ModelHubMixin, hf_hub_download
 
 from datamodules import artifacts
-from datamodules.artifacts import file_sha256
-from datamodules.cache import CacheError, EmbeddingCache, cache_dir
+from datamodules.artifacts import CacheError, file_sha256
+from datamodules.cache import EmbeddingCache, cache_dir
 from encoders import build_encoder, encoder_class
 from encoders.modalities import MODALITIES, check_modality, resolve_device
 from lightning_modules.inference.card import model_card_text

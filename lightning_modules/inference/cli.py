@@ -20,7 +20,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from datamodules.cache import CacheError, EmbeddingCache, cache_dir
+from datamodules.artifacts import CacheError
+from datamodules.cache import EmbeddingCache, cache_dir
 from datamodules.jobs import ITEMS
 from encoders.modalities import MODALITIES, check_modality
 from lightning_modules.inference.api import OmniBind, compose

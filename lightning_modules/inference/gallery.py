@@ -9,7 +9,8 @@ import numpy as np
 import torch
 
 from datamodules import artifacts
-from datamodules.cache import CacheError, CacheWriter, EmbeddingCache, cache_dir
+from datamodules.artifacts import CacheError
+from datamodules.cache import CacheWriter, EmbeddingCache, cache_dir
 from lightning_modules.pairing.search import pool_rows, search
 
 if TYPE_CHECKING:

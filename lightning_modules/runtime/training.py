@@ -23,7 +23,7 @@ from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig
 
-from datamodules.cache import atomic_write
+from datamodules.artifacts import atomic_write
 from lightning_modules.runtime.config import to_plain
 
 log = logging.getLogger(__name__)

@@ -45,7 +45,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
-from datamodules.cache import CacheError, sha256_file
+from datamodules.artifacts import CacheError, sha256_file
 from lightning_modules.omni.export import save_omni
 from lightning_modules.omni.layout import OmniLayout
 from lightning_modules.omni.model import OmniModel

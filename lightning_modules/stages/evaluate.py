@@ -19,7 +19,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from datamodules.cache import atomic_write, atomic_write_json
+from datamodules.artifacts import atomic_write, atomic_write_json
 from encoders.modalities import resolve_device
 from lightning_modules.evaluation.benchmarks import Benchmarks, load_benchmarks, manifest_path
 from lightning_modules.evaluation.methods import Method, make_method

@@ -30,7 +30,8 @@ import torch
 from lightning.pytorch.callbacks import BasePredictionWriter, TQDMProgressBar
 from omegaconf import DictConfig
 
-from datamodules.cache import CacheError, read_manifest
+from datamodules.artifacts import CacheError
+from datamodules.cache import read_manifest
 from datamodules.extraction import RawDataModule
 from datamodules.jobs import SIDECAR, ExtractJob
 from datamodules.synthetic.demo_raw import ensure_demo_raw

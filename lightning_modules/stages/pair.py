@@ -32,13 +32,8 @@ import numpy as np
 from omegaconf import DictConfig
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from datamodules.cache import (
-    CacheError,
-    EmbeddingCache,
-    atomic_write_json,
-    cache_dir,
-    cache_is_complete,
-)
+from datamodules.artifacts import CacheError, atomic_write_json
+from datamodules.cache import EmbeddingCache, cache_dir, cache_is_complete
 from datamodules.tuples import save_tuples
 from encoders.modalities import MODALITIES, PROVENANCES, check_modality, resolve_device
 from lightning_modules.pairing.ann import Ann

@@ -16,8 +16,7 @@ from pathlib import Path
 import lightning as L
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from datamodules.artifacts import atomic_write_json, file_sha256, fingerprint
-from datamodules.cache import CacheError
+from datamodules.artifacts import CacheError, atomic_write_json, file_sha256, fingerprint
 from datamodules.tuples import load_tuples
 from lightning_modules.omni.export import BOUND_WEIGHTS, OMNI_WEIGHTS, load_bound_space, load_omni
 from lightning_modules.runtime.config import pairs_source, space_configs, to_plain

@@ -15,8 +15,7 @@ import torch
 from omegaconf import DictConfig
 from rich.progress import track
 
-from datamodules.artifacts import file_sha256
-from datamodules.cache import CacheError
+from datamodules.artifacts import CacheError, file_sha256
 from datamodules.projected import ensure_projected, projected_space
 from datamodules.tuples import link_retrievers, load_tuples
 from encoders.modalities import MODALITIES, PAIRS
