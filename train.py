@@ -17,15 +17,19 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from lightning_modules.runtime.schema import validate
+from datamodules.artifacts import CacheError
+from lightning_modules.runtime.schema import ConfigError, validate
 
+# A user's mistake, not a bug: a bad config, or a missing, stale or corrupt artifact. The
+# command line prints its message alone; debug=true shows the traceback.
+USER_ERRORS = (ConfigError, CacheError)
 # Overrides that say how a job runs, not what it trains: they do not name a multirun job.
-OPERATIONAL = ("resume", "force", "run_name", "logger", "trainer", "paths", "hydra")
+OPERATIONAL = ("resume", "force", "debug", "run_name", "logger", "trainer", "paths", "hydra")
 
 
 def train(cfg: DictConfig) -> float | None:
     """Seed, then run the configured stage; returns its optimised metric (for sweepers)."""
-    validate(cfg)  # a missing or wrong-typed key fails here, before any stage work
+    validate(cfg, strict=True)  # a missing, undeclared or wrong-typed key fails here, before work
     L.seed_everything(cfg.seed, workers=True)
     failed = True
     try:
@@ -67,7 +71,13 @@ def job_run_name(cfg: DictConfig, hydra_cfg: DictConfig) -> str:
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> float | None:
     cfg.run_name = job_run_name(cfg, HydraConfig.get())
-    return train(cfg)
+    try:
+        return train(cfg)
+    except USER_ERRORS as e:
+        if cfg.get("debug"):
+            raise
+        print(f"error: {e}\n(debug=true shows the traceback)", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

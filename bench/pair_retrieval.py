@@ -3,9 +3,11 @@
     python bench/pair_retrieval.py [--quick] [--threads N]
 
 Throughput: top-1 of every query row over the gallery, L2-normalised float32 rows. Ours is
-`lightning_modules.pairing.search.search` with the configured block sizes (conf/config.yaml pair.chunk,
-pair.gallery_chunk); the reference is faiss IndexFlatIP holding the whole gallery (its best case;
-the time to add rows to the index is not counted). Both use the same number of threads and run
+`lightning_modules.pairing.search.search` with the configured kernel and block sizes
+(conf/config.yaml pair.backend, pair.chunk, pair.gallery_chunk; `auto` picks faiss for one
+direction on the CPU and our blocked matmul for both at once); the reference is faiss
+IndexFlatIP holding the whole gallery (its best case; the time to add rows to the index is not
+counted). Both use the same number of threads and run
 `--repeats` times, back to back, so that a busy spell on a shared machine hits both alike.
 
 Memory: for 3 gallery sizes, a fresh process runs each method and samples its resident memory
@@ -37,7 +39,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
-from lightning_modules.pairing.search import search  # noqa: E402
+from lightning_modules.pairing.search import pick_backend, search  # noqa: E402
 
 PAIR = OmegaConf.load(REPO / "conf" / "config.yaml").pair
 SIZES = {  # (queries, gallery, dim) for throughput; gallery rows for memory (queries, dim fixed)
@@ -58,7 +60,10 @@ def unit_rows(n: int, d: int, seed: int, block: int = 65536) -> np.ndarray:
     return out
 
 
-def ours(q: np.ndarray, g: np.ndarray, both: bool = False, backend: str = "torch") -> np.ndarray:
+def ours(
+    q: np.ndarray, g: np.ndarray, both: bool = False, backend: str | None = None
+) -> np.ndarray:
+    backend = backend or str(PAIR.backend)  # the pair stage's kernel choice (auto by default)
     kw = dict(chunk=int(PAIR.chunk), gallery_chunk=int(PAIR.gallery_chunk), device="cpu")
     res = search(q, g, 1, a_to_b=True, b_to_a=both, backend=backend, **kw)
     return res["a_to_b"][1][:, 0]
@@ -149,7 +154,7 @@ def main() -> None:
     print(f"# exact top-1: {nq} queries x {ng} gallery rows, dim {d}, {args.threads} threads, "
           f"blocks {PAIR.chunk} x {PAIR.gallery_chunk}; fastest of {args.repeats} interleaved "
           "runs")  # fmt: skip
-    times: dict[str, list[float]] = {"ours": [], "faiss": [], "both": []}
+    times: dict[str, list[float]] = {"ours": [], "faiss": [], "both": [], "torch": []}
     for _ in range(args.repeats):  # interleaved, so a busy spell hits every method alike
         mine, t = timed(ours, q, g)
         times["ours"].append(t)
@@ -157,6 +162,8 @@ def main() -> None:
         times["faiss"].append(t)
         both, t = timed(ours, q, g, both=True)
         times["both"].append(t)
+        _, t = timed(ours, q, g, backend="torch")
+        times["torch"].append(t)
     best = {k: min(v) for k, v in times.items()}
     # Near-ties may order differently between two float32 BLAS kernels; count real disagreements.
     differ = mine != ref
@@ -164,10 +171,12 @@ def main() -> None:
     _, t_fb = timed(ours, q, g, backend="faiss")
     pairs = nq * ng
     print(f"{'method':<46} {'seconds':>8} {'Mpairs/s':>9} {'GFLOP/s':>8}")
+    picks = {n: pick_backend(str(PAIR.backend), True, n == 2, "cpu") for n in (1, 2)}
     rows = [
-        ("ours: search_torch, one direction", best["ours"], 1),
+        (f"ours: pair.backend={PAIR.backend} ({picks[1]}), one direction", best["ours"], 1),
+        ("ours: search_torch, one direction", best["torch"], 1),
         ("faiss IndexFlatIP (reference)", best["faiss"], 1),
-        ("ours: search_torch, both directions at once", best["both"], 2),
+        (f"ours: pair.backend={PAIR.backend} ({picks[2]}), both at once", best["both"], 2),
         ("faiss IndexFlatIP, 2 x one direction", 2 * best["faiss"], 2),
         ("ours: backend=faiss, gallery in blocks", t_fb, 1),
     ]

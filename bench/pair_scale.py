@@ -1,7 +1,7 @@
 """Exact against approximate pair search at 1x, 4x and 20x the default pools, then the paper's.
 
     python bench/pair_scale.py [--scales 1 4 20] [--threads 2] [--search-queries 16384]
-                               [--nprobe 256] [--hnsw-m 32] [--ef-search 160] [--ef-construction 80]
+                               [--nprobe N] [--hnsw-m N] [--ef-search N] [--ef-construction N]
 
 Pools: the default world's (data=world_v2) audio and text pools in WavCaps' space (1024-d; the
 audio_text route, the largest at the paper's pools: 2M clips x 3M captions), made by the world's
@@ -14,7 +14,7 @@ Methods, each in a fresh process so that its peak RSS (wait4) is its own, data i
   pair.gallery_chunk blocks);
 - ivf: `ann.build_index` + `ann.search_index` with faiss IndexIVFFlat; nlist per scale is the
   largest power of two <= min(4 sqrt(rows), rows / 39) (faiss's guidance and minimum), nprobe
-  as given (capped at nlist);
+  as given (capped at nlist; default: the pair stage's pair.nprobe);
 - hnsw: the same with faiss IndexHNSWFlat (M, efSearch, efConstruction as given).
 Seconds are the index build (over the whole gallery) plus the search. The search runs over all
 queries when there are at most --search-queries, else over a seeded sample of that many, and is
@@ -114,8 +114,8 @@ def child(method: str, query_path: str, gallery_path: str, settings: str) -> Non
     if method == "exact":
         _, rows = search(qs, g, 1, **kw)["a_to_b"]
     else:
-        ann = Ann(method, **{k: s[k] for k in ("nlist", "nprobe", "hnsw_m", "ef_search",
-                                                "ef_construction")})  # fmt: skip
+        ann = Ann.from_config({**pair, "search": method, **{k: s[k] for k in (
+            "nlist", "nprobe", "hnsw_m", "ef_search", "ef_construction")}})  # fmt: skip
         index = build_index(g, ann)
         build = time.perf_counter() - t
         t = time.perf_counter()
@@ -165,10 +165,11 @@ def main() -> None:
     parser.add_argument("--scales", type=int, nargs="+", default=[1, 4, 20])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--search-queries", type=int, default=16384)
-    parser.add_argument("--nprobe", type=int, default=256)
-    parser.add_argument("--hnsw-m", type=int, default=32)
-    parser.add_argument("--ef-search", type=int, default=160)
-    parser.add_argument("--ef-construction", type=int, default=80)
+    pc = compose([]).pair  # the index settings default to the pair stage's (conf/config.yaml)
+    parser.add_argument("--nprobe", type=int, default=pc.nprobe)
+    parser.add_argument("--hnsw-m", type=int, default=pc.hnsw_m)
+    parser.add_argument("--ef-search", type=int, default=pc.ef_search)
+    parser.add_argument("--ef-construction", type=int, default=pc.ef_construction)
     parser.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:

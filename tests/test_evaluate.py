@@ -268,8 +268,8 @@ def test_multi_caption_benchmark_matches_a_full_sort(handmade: Path, compose_cfg
     first = torch.arange(0, 60, 3)
     deduped = [_stable_recall(audio, text[first], a_items, t_items[first], k) for k in (1, 5)]
     assert deduped != [scores["retrieval"][f"audio_to_text/R@{k}"] for k in (1, 5)]
-    assert set(scores["zeroshot"]) == {"audio/zs/top1", "audio/zs/top5", "audio/zs_ml/mAP"}
-    assert scores["zeroshot"]["audio/zs/top5"] == 1.0  # 3 classes: every item is in the top 5
+    # 3 classes: a top-5 would hold every class, 100% for any model, so it is not reported.
+    assert set(scores["zeroshot"]) == {"audio/zs/top1", "audio/zs_ml/mAP"}
     assert 0 < scores["zeroshot"]["audio/zs_ml/mAP"] <= 1
 
 
@@ -302,10 +302,8 @@ def test_stage_with_a_manifest_path(handmade: Path, small_world: Path, compose_c
     results = json.loads((Path(cfg.evaluate.output_dir) / "results.json").read_text())
     assert set(results["methods"]["raw:clap"]["zeroshot"]) == {
         "audio/zs/top1",
-        "audio/zs/top5",
         "audio/zs_ml/mAP",
         "audio/esc/top1",
-        "audio/esc/top5",
     }
 
 
@@ -384,7 +382,7 @@ def test_stale_prompt_cache_is_refused(handmade: Path, compose_cfg) -> None:
                          dim=DIM, dtype="float32", overwrite=True)  # fmt: skip
     writer.append(np.ones((6, DIM), np.float32), np.arange(6), label=np.repeat(np.arange(3), 2))
     writer.close(prompts=prompt_sets(load_benchmarks(_manifest(handmade, spec)))["zs"][0])
-    assert _score(handmade, compose_cfg, spec)["zeroshot"]["audio/zs/top5"] == 1.0
+    assert set(_score(handmade, compose_cfg, spec)["zeroshot"]) >= {"audio/zs/top1"}
 
 
 def test_caption_mapping_that_does_not_match(handmade: Path, compose_cfg) -> None:
@@ -478,7 +476,7 @@ def test_real_zeroshot_for_raw_bound_and_omni(tmp_path: Path, compose_cfg) -> No
     for spec in ("raw:clap", "bound:clap", "omni:tiny"):
         method = make_method(spec, *dirs)
         scores = evaluate_method(method, bench)["zeroshot"]
-        assert set(scores) == {"audio/esc/top1", "audio/esc/top5"}, spec
+        assert set(scores) == {"audio/esc/top1"}, spec  # 3 classes: no top-5
         assert scores["audio/esc/top1"] == pytest.approx(_expected_top1(method, tmp_path), abs=1e-6)
     raw = evaluate_method(make_method("raw:clap"), bench)["zeroshot"]["audio/esc/top1"]
     assert 0 < raw < 1  # the hand check tells hits from misses

@@ -135,6 +135,11 @@ def test_summarize_counts_agreement_and_chance() -> None:
     assert s["concept_agreement"] == {"point": 0.5, "audio": 0.0}
     assert s["target_agreement"]["audio"] == {"point": 1.0, "image": 0.0, "text": 1.0}
     assert s["chance_agreement"]["point"] == pytest.approx(0.5**3)  # every pool is half/half
+    # Labels on some pools only (a user's `labels: dirs` on two): agreement over those pools,
+    # and the overall figure over the tuples whose start is labelled (not the audio start's).
+    part = summarize(table, {m: labels[m] for m in ("point", "image")})
+    assert part["concept_agreement"] == {"point": 1.0} and part["concept_agreement_overall"] == 1
+    assert part["target_agreement"]["point"] == {"image": 1.0}
     assert summarize(table, None) == {"tuples": 3, "counts": s["counts"],
                                       "items": dict.fromkeys(MODALITIES, 3)}  # fmt: skip
 
@@ -252,7 +257,11 @@ def test_stage_on_extracted_pools_and_its_errors(compose_cfg, tmp_path: Path) ->
         train(compose_cfg(*files, "pair.topk=10"))
 
     _files_world(tmp_path / "odd", sizes, odd_ids=True)
-    with pytest.raises(CacheError, match=r"the image pool differs between spaces"):
+    with pytest.raises(
+        CacheError,
+        match=r"the image pool differs between spaces .* Re-extract "
+        r"both .*stage=extract space=\w+ extract.overwrite=true",
+    ):
         train(compose_cfg(*PAIR, "data.kind=files", f"data.root={tmp_path / 'odd'}"))
     _files_world(tmp_path / "empty", {**sizes, "point": 0})
     with pytest.raises(CacheError, match=r"uni3d/point: the point pool is empty"):

@@ -28,9 +28,14 @@ def _clustered(n: int, d: int, seed: int, clusters: int = 100) -> np.ndarray:
     return x / np.linalg.norm(x, axis=1, keepdims=True)
 
 
+def _ann(**settings) -> Ann:
+    """The pair stage's search settings (conf/config.yaml) with these changed."""
+    return Ann.from_config({**compose_config([]).pair, **settings})
+
+
 @pytest.mark.parametrize(
     "ann",
-    [Ann("ivf", nlist=64, nprobe=8), Ann("hnsw", hnsw_m=16, ef_search=64)],
+    [_ann(search="ivf", nlist=64, nprobe=8), _ann(search="hnsw", hnsw_m=16, ef_search=64)],
     ids=["ivf", "hnsw"],
 )
 def test_recall_at_1_is_high_on_a_clustered_pool(ann: Ann) -> None:
@@ -56,7 +61,7 @@ def test_recall_at_1_is_high_on_a_clustered_pool(ann: Ann) -> None:
 def test_queries_the_index_cannot_fill_are_searched_exactly() -> None:
     # One probed cell of ~60 rows cannot give a top-100: those queries are searched exactly.
     q, g = _clustered(200, 16, seed=3), _clustered(4000, 16, seed=4)
-    got = search_direction(q, g, 100, Ann("ivf", nlist=64, nprobe=1), seed=0)
+    got = search_direction(q, g, 100, _ann(search="ivf", nlist=64, nprobe=1), seed=0)
     assert got.report["exact_rows"] > 0 and (got.rows >= 0).all()
     assert np.isfinite(got.scores).all() and (np.diff(got.scores, axis=1) <= 0).all()
 
@@ -64,8 +69,8 @@ def test_queries_the_index_cannot_fill_are_searched_exactly() -> None:
 def test_a_pool_too_small_for_the_index_is_searched_exactly() -> None:
     q, g = _clustered(300, 16, seed=5), _clustered(2000, 16, seed=6)
     exact = search(q, g, 2)["a_to_b"]
-    small = {Ann("ivf", nlist=1024): "2000 gallery rows < 39 x pair.nlist=1024",
-             Ann("hnsw", ef_search=2000): "2000 gallery rows <= pair.ef_search=2000"}  # fmt: skip
+    small = {_ann(search="ivf", nlist=1024, nprobe=8): "2000 gallery rows < 39 x pair.nlist=1024",
+             _ann(search="hnsw", ef_search=2000): "2000 gallery rows <= pair.ef_search=2000"}  # fmt: skip
     for ann, why in small.items():
         got = search_direction(q, g, 2, ann)
         assert got.report["index"] == "exact" and why in got.report["fallback"]
@@ -79,7 +84,7 @@ def test_unknown_search_fails_the_config_check_listing_the_choices() -> None:
     with pytest.raises(ConfigError, match=r"pair.nprobe: got 0: .*greater than or equal to 1"):
         validate(compose_config(["pair.nprobe=0"]), strict=True)
     with pytest.raises(ValueError, match="pair.nprobe=64 exceeds pair.nlist=32"):
-        Ann.from_config({"search": "ivf", "nlist": 32, "nprobe": 64})
+        _ann(search="ivf", nlist=32, nprobe=64)
 
 
 # Small graphs keep the stage tests fast; the defaults are measured in bench/pair_scale.py.

@@ -14,6 +14,7 @@ from conftest import REPO, compose_config
 from test_config import CHOICES, _override
 
 from lightning_modules.runtime.schema import ConfigError, problems, validate
+from train import train
 
 
 def _fails(overrides: list[str], *expected: str) -> str:
@@ -104,7 +105,10 @@ def test_undeclared_keys_are_refused_naming_the_schema(caplog: pytest.LogCapture
         "(Space), or remove it from conf/space/clap.yaml",
     )
     _fails(["+bind.foo=1"], "bind.foo: not a declared key", "(Bind)")
-    # At run time (train.py) only a warning: the run goes on, this test file keeps them declared.
+    # train.py refuses them: a misspelled key (`lables` for `labels`) would be silently ignored.
+    with pytest.raises(ConfigError, match=r"data.datasets.test.image.lables: not a declared key"):
+        train(compose_config(["experiment=demo_raw", "+data.datasets.test.image.lables=dirs"]))
+    # validate() without strict only warns, naming the key.
     with caplog.at_level("WARNING", logger="lightning_modules.runtime.schema"):
         validate(compose_config(["+bind.foo=1"]))
     assert "bind.foo: not a declared key" in caplog.text
@@ -176,7 +180,9 @@ def test_train_py_fails_at_startup_naming_key_and_file(tmp_path: Path) -> None:
         text=True,
         timeout=600,
     )
-    assert run.returncode != 0
+    assert run.returncode == 1
+    # A user error prints its message, no traceback (debug=true shows one).
+    assert "Traceback" not in run.stderr and "(debug=true shows the traceback)" in run.stderr
     assert "bind.lr: missing; declare it in conf/config.yaml's `bind:` block" in run.stderr
     assert "data.n_concepts: missing; declare it in conf/data/world_v2.yaml" in run.stderr
     assert not (tmp_path / "data").exists() and not (tmp_path / "bound").exists()

@@ -5,7 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from lightning_modules.pairing.search import ShardRows, csls_bias, search, take_rows
+from lightning_modules.pairing.search import (
+    ShardRows,
+    csls_bias,
+    pick_backend,
+    search,
+    take_rows,
+)
 
 
 def _brute(q: np.ndarray, g: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -28,7 +34,7 @@ def _gauss(n: int, d: int, seed: int) -> np.ndarray:
 # ---------------------------------------------------------------------------- exact search
 
 
-@pytest.mark.parametrize("backend", ["torch", "faiss"])
+@pytest.mark.parametrize("backend", ["torch", "faiss", "auto"])
 @pytest.mark.parametrize("k", [1, 3])
 @pytest.mark.parametrize("blocks", [(7, 5), (1000, 1000), (1, 64)])
 def test_search_matches_brute_force_with_ties(backend: str, k: int, blocks: tuple) -> None:
@@ -40,6 +46,16 @@ def test_search_matches_brute_force_with_ties(backend: str, k: int, blocks: tupl
     got = search(q, g, k, backend=backend, chunk=blocks[0], gallery_chunk=blocks[1])["a_to_b"]
     np.testing.assert_array_equal(got[1], want_i)
     np.testing.assert_array_equal(got[0], want_s.astype(np.float32))
+
+
+def test_auto_backend_picks_the_kernel_by_direction_mode() -> None:
+    # One direction on the CPU: faiss; both at once (one pass serves both) or a GPU: ours.
+    assert pick_backend("auto", True, False, "cpu") == pick_backend("auto", False, True, "cpu")
+    assert pick_backend("auto", True, False, "cpu") == "faiss"
+    assert pick_backend("auto", True, True, "cpu") == "torch"
+    assert pick_backend("torch", True, False, "cpu") == "torch"
+    with pytest.raises(ValueError, match=r"pair.backend='blas'; expected one of \['auto'"):
+        pick_backend("blas", True, False, "cpu")
 
 
 @pytest.mark.parametrize("backend", ["torch", "faiss"])

@@ -231,8 +231,12 @@ def _item_labels(rows: Rows, bench: ZeroShot, n_classes: int) -> np.ndarray:
 
 
 def score_zeroshot(rows: Rows, bench: ZeroShot, topk: tuple[int, ...], chunk: int) -> dict:
-    """Top-K accuracy, or mAP for a multi-label set: {'<modality>/<name>/top1': fraction, ...}."""
+    """Top-K accuracy, or mAP for a multi-label set: {'<modality>/<name>/top1': fraction, ...}.
+
+    A top-K with K >= the benchmark's classes is 100% whatever the model, so it is left out
+    (top-1 is always reported)."""
     plabels, n_classes = prompt_labels(rows, bench)
+    topk = tuple(k for k in topk if k == 1 or k < n_classes)
     labels = _item_labels(rows, bench, n_classes)
     prompts = rows.embed(bench.prompts, "text", bench.name)
     classes = class_embeddings(prompts, torch.from_numpy(plabels.astype(np.int64)), n_classes)

@@ -289,6 +289,23 @@ def search_faiss(
     return best.numpy(), arg.numpy()
 
 
+BACKENDS = ("auto", "torch", "faiss")
+
+
+def pick_backend(backend: str, a_to_b: bool, b_to_a: bool, device: str | torch.device) -> str:
+    """The kernel `search` runs for `backend`; `auto` picks the faster one for the direction
+    mode (bench/pair_retrieval.py): both directions at once, or any search on a GPU, take our
+    blocked matmul (one pass of score blocks serves both directions); one direction on the CPU
+    takes faiss IndexFlatIP, as fast or faster than ours on the CPUs measured (bench/RESULTS.md).
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"pair.backend={backend!r}; expected one of {list(BACKENDS)}")
+    if backend != "auto":
+        return backend
+    one_way = a_to_b != b_to_a
+    return "faiss" if one_way and resolve_device(device).type == "cpu" else "torch"
+
+
 def search(
     a: Array,
     b: Array,
@@ -308,12 +325,11 @@ def search(
 
     Scores are a_i . b_j (+ a_bias[i] + b_bias[j] when given); see `search_torch`.
     """
+    backend = pick_backend(backend, a_to_b, b_to_a, device)
     if backend == "torch":
         kw = dict(chunk=chunk, gallery_chunk=gallery_chunk, device=device, advance=advance)
         return search_torch(a, b, k, a_to_b=a_to_b, b_to_a=b_to_a, a_bias=a_bias, b_bias=b_bias,
                             **kw)  # fmt: skip
-    if backend != "faiss":
-        raise ValueError(f"pair.backend={backend!r}; expected torch or faiss")
     if resolve_device(device).type != "cpu":
         raise ValueError(
             f"pair.backend=faiss runs on the CPU (faiss-cpu), not pair.device={device}"
@@ -328,10 +344,17 @@ def search(
 
 
 def search_steps(
-    n_a: int, n_b: int, a_to_b: bool, b_to_a: bool, backend: str, chunk: int, gallery_chunk: int
+    n_a: int,
+    n_b: int,
+    a_to_b: bool,
+    b_to_a: bool,
+    backend: str,
+    chunk: int,
+    gallery_chunk: int,
+    device: str | torch.device = "cpu",
 ) -> int:
     """How many times `search` calls `advance` (for a progress bar's total)."""
-    if backend == "torch":
+    if pick_backend(backend, a_to_b, b_to_a, device) == "torch":
         return -(-n_a // chunk)
     blocks = lambda q, g: -(-q // chunk) * -(-g // gallery_chunk)  # noqa: E731
     return a_to_b * blocks(n_a, n_b) + b_to_a * blocks(n_b, n_a)

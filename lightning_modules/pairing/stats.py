@@ -38,7 +38,8 @@ def _agreement(table: Mapping[str, np.ndarray], labels: Mapping[str, np.ndarray]
     concept with the starting item (multi-label items: any of their labels). chance_agreement[s]:
     the same for main labels if the other present items were drawn uniformly from their pools.
     target_agreement[s][t]: fraction of those holding a t item whose t item shares one.
-    concept_agreement_overall: the fraction over all tuples.
+    concept_agreement_overall: the fraction over all tuples with a labelled start. Only the
+    labelled pools count: an item of a pool without labels is left out of the comparison.
     """
     mods = [m for m in modalities_of(table) if m in labels]
     main = {m: labels[m] if labels[m].ndim == 1 else labels[m][:, 0] for m in mods}
@@ -46,11 +47,12 @@ def _agreement(table: Mapping[str, np.ndarray], labels: Mapping[str, np.ndarray]
     share = {m: np.bincount(main[m], minlength=n_concepts) / len(main[m]) for m in mods}
     starts = table["start"]
     agree, chance, target = {}, {}, {}
-    whole = np.zeros(len(starts), bool)
+    whole, measured = np.zeros(len(starts), bool), np.zeros(len(starts), bool)
     for i, s in enumerate(MODALITIES):
         rows = starts == i
         if s not in mods or not rows.any():
             continue
+        measured |= rows
         own = _concepts(labels[s], table[s][rows])
         others = [t for t in mods if t != s]
         has = {t: table[t][rows] >= 0 for t in others}
@@ -65,7 +67,7 @@ def _agreement(table: Mapping[str, np.ndarray], labels: Mapping[str, np.ndarray]
         concept_agreement=agree,
         chance_agreement=chance,
         target_agreement=target,
-        concept_agreement_overall=float(whole.mean()) if len(whole) else None,
+        concept_agreement_overall=float(whole[measured].mean()) if measured.any() else None,
     )
 
 
@@ -108,7 +110,7 @@ def hop_stats(
         kept = np.concatenate([keep[p] for p in prefixes])
         entry: dict = {"hops": int(len(kept)), "kept_fraction": float(kept.mean())}
         for key, lab in (("fine", labels), ("coarse", coarse)):
-            if lab is None or not kept.any():
+            if lab is None or x not in lab or y not in lab or not kept.any():
                 continue
             q = np.concatenate([hops[p].query for p in prefixes])[kept]
             it = np.concatenate([hops[p].item for p in prefixes])[kept]

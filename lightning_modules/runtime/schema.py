@@ -41,6 +41,7 @@ from encoders.readers import LoadSettings
 from encoders.video import AUDIO_WEIGHT
 from lightning_modules.pairing.ann import SEARCHES
 from lightning_modules.pairing.clean import Clean
+from lightning_modules.pairing.search import BACKENDS
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +92,7 @@ class Run:
     resume: Bool
     force: Bool
     upstream: Bool
+    debug: Bool
     run_dir: Str
 
 
@@ -138,7 +140,7 @@ class Pair:
     topk: Int
     chunk: Int
     gallery_chunk: Int
-    backend: Literal["torch", "faiss"]
+    backend: Literal[BACKENDS]  # auto | torch | faiss (lightning_modules/pairing/search.py)
     device: Str
     search: Literal[SEARCHES]  # exact | ivf | hnsw (lightning_modules/pairing/ann.py)
     nlist: Count
@@ -425,7 +427,7 @@ def _name(cfg: DictConfig, key: str) -> Any:
 
 def _blocks(cfg: DictConfig) -> Iterator[tuple[str, type, str, list[str] | None]]:
     """(key, schema, file that declares it, keys to check or None for all) of each block."""
-    yield "", Run, "conf/config.yaml", ["seed", "resume", "force", "upstream", "run_dir"]
+    yield "", Run, "conf/config.yaml", ["seed", "resume", "force", "upstream", "debug", "run_dir"]
     yield "", Stage, _file("stage", _name(cfg, "stage")), ["stage", "run_name"]
     yield "paths", Paths, _file("paths", "default"), None
     for key, schema in BLOCKS.items():
@@ -537,7 +539,8 @@ def problems(cfg: DictConfig, undeclared: bool = True) -> list[str]:
 
 def validate(cfg: DictConfig, strict: bool = False) -> None:
     """Raise ConfigError listing each missing or wrong-typed key and the file that should
-    declare it; a key no schema declares fails too when `strict`, else it is warned about."""
+    declare it; a key no schema declares fails too when `strict` (as train.py runs it: a
+    misspelled key would otherwise be ignored), else it is warned about."""
     found = problems(cfg, undeclared=strict)
     if not strict:
         for line in sorted(set(problems(cfg)) - set(found)):

@@ -60,7 +60,14 @@ from lightning_modules.pairing.plan import (
     parse_routes,
     plan_paths,
 )
-from lightning_modules.pairing.search import Array, csls_bias, pool_rows, search, search_steps
+from lightning_modules.pairing.search import (
+    Array,
+    csls_bias,
+    pick_backend,
+    pool_rows,
+    search,
+    search_steps,
+)
 from lightning_modules.pairing.stats import flat_metrics, rule_stats, summarize
 from lightning_modules.runtime import lineage
 from lightning_modules.runtime.config import ensure_data, space_configs, to_plain
@@ -211,7 +218,10 @@ def _open_caches(
             if c.count != c0.count or not np.array_equal(c.ids, c0.ids):
                 raise CacheError(
                     f"{c.directory} and {c0.directory}: the {m} pool differs between spaces "
-                    f"({c.count} vs {c0.count} rows, or other ids); a tuple row must name one item"
+                    f"({c.count} vs {c0.count} rows, or other ids); a tuple row must name one item."
+                    f" Re-extract both over the same files: python train.py stage=extract "
+                    f"space={c0.space} extract.overwrite=true, then the same with "
+                    f"space={c.space}"
                 )
     return caches
 
@@ -327,7 +337,7 @@ def _search(
         if ann.approximate:
             return ann_steps(sizes[a], sizes[b], directions, chunk)
         a_to_b, b_to_a = "a_to_b" in directions, "b_to_a" in directions
-        return search_steps(sizes[a], sizes[b], a_to_b, b_to_a, backend, chunk, gchunk)
+        return search_steps(sizes[a], sizes[b], a_to_b, b_to_a, backend, chunk, gchunk, device)
 
     both = {"a_to_b": 1, "b_to_a": 1}
     total = sum(steps(a, b, _directions(a, b, w)) + (csls and steps(a, b, both))
@@ -378,7 +388,8 @@ def _search(
                              gallery_rows=sizes[y], topk=want[(x, y)], csls=bool(csls),
                              role="cross_space" if is_second else "route",
                              mean_top1_score=float(scores[:, 0].mean()))  # fmt: skip
-                report.append({**entry, **how.get(key, dict(index="exact"))})
+                kernel = pick_backend(backend, "a_to_b" in res, "b_to_a" in res, device)
+                report.append({**entry, **how.get(key, dict(index="exact", kernel=kernel))})
                 _log_index(report[-1], ann)
             log.info("pair: %s-%s in %s: %.1f s", a, b, name, time.perf_counter() - ta)
     seconds = time.perf_counter() - t0
@@ -434,16 +445,17 @@ def _index_summary(ann: Ann, report: Sequence[Mapping]) -> dict:
 
 
 def _concept_labels(caches: Mapping[tuple[str, str], EmbeddingCache]) -> tuple[Labels, Labels]:
-    """{modality: labels} and {modality: coarse labels} of the pools, each None unless all have
-    them (the synthetic worlds do; extracted pools do not)."""
-    labels = coarse = None
-    if all(c.has("labels") for c in caches.values()):
-        # Multi-label items (world v2 audio) agree with an item sharing any of their labels.
-        labels = {m: c.extra("multilabels") if c.has("multilabels") else c.extra("labels")
-                  for (_, m), c in caches.items()}  # fmt: skip
-    if labels is not None and all(c.has("coarse") for c in caches.values()):
-        coarse = {m: c.extra("coarse") for (_, m), c in caches.items()}
-    return labels, coarse
+    """{modality: labels} and {modality: coarse labels} of the pools that have them (the
+    synthetic worlds' do; extracted pools where `labels: dirs` named classes); each None unless
+    at least two modalities have them, as agreement compares a pair."""
+    have = {m: c for (_, m), c in caches.items() if c.has("labels")}
+    if len(have) < 2:
+        return None, None
+    # Multi-label items (world v2 audio) agree with an item sharing any of their labels.
+    labels = {m: c.extra("multilabels") if c.has("multilabels") else c.extra("labels")
+              for m, c in have.items()}  # fmt: skip
+    coarse = {m: c.extra("coarse") for m, c in have.items() if c.has("coarse")}
+    return labels, coarse if len(coarse) >= 2 else None
 
 
 def _text_provenance(pools: Pools) -> np.ndarray | None:
