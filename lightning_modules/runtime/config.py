@@ -33,19 +33,20 @@ log = logging.getLogger(__name__)
 CONF_DIR = Path(str(importlib.resources.files("conf")))  # the installed package's config tree
 
 
+def group_config(group: str, name: str) -> DictConfig:
+    """`conf/<group>/<name>.yaml`, composed by Hydra (its defaults list included)."""
+    available = sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+    if name not in available:
+        raise ValueError(f"unknown {group} {name!r}; conf/{group} has {available}")
+    if GlobalHydra.instance().is_initialized():
+        return hydra.compose(config_name=f"{group}/{name}")[group]
+    with hydra.initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        return hydra.compose(config_name=f"{group}/{name}")[group]
+
+
 def space_configs(names: Iterable[str]) -> dict[str, DictConfig]:
-    """The `conf/space/<name>.yaml` of each name, composed by Hydra."""
-    available = sorted(p.stem for p in (CONF_DIR / "space").glob("*.yaml"))
-    out = {}
-    for name in names:
-        if name not in available:
-            raise ValueError(f"unknown space {name!r}; conf/space has {available}")
-        if GlobalHydra.instance().is_initialized():
-            out[name] = hydra.compose(config_name=f"space/{name}").space
-        else:
-            with hydra.initialize_config_dir(str(CONF_DIR), version_base="1.3"):
-                out[name] = hydra.compose(config_name=f"space/{name}").space
-    return out
+    """The `conf/space/<name>.yaml` of each name."""
+    return {name: group_config("space", name) for name in names}
 
 
 def ensure_data(cfg: DictConfig, names: Iterable[str]) -> Path:

@@ -49,7 +49,7 @@ from datamodules.artifacts import CacheError, sha256_file
 from lightning_modules.omni.export import save_omni
 from lightning_modules.omni.layout import OmniLayout
 from lightning_modules.omni.model import OmniModel
-from lightning_modules.runtime.config import space_configs
+from lightning_modules.runtime.config import group_config, space_configs, to_plain
 
 log = logging.getLogger(__name__)
 
@@ -67,16 +67,9 @@ SOURCES = {
     ),
 }
 SOURCES["full"] = SOURCES["large"]
-PREDICTORS = {
-    "base": dict(audio=["wavcaps"], image=["eva02_e"], point=["uni3d"],
-                 text=["wavcaps", "eva02_e", "uni3d"]),
-    "large": dict(audio=["wavcaps"], image=["siglip"], point=["uni3d_lvis"],
-                  text=["wavcaps", "siglip", "uni3d_lvis"]),
-}  # fmt: skip
-PREDICTORS["full"] = PREDICTORS["large"]
 IMAGEBIND, UNI3D_SIDES = "imagebind", "eva02_e"  # Uni3D's image and text encoder
 EXPERTS = 7
-SCALES = {"point": 1.0, "audio": 1.0, "image": 1.0, "text": 10.0}
+SCALES = {"point": 1.0, "audio": 1.0, "image": 1.0, "text": 10.0}  # the release's (routed_paper)
 FULL_BLEND = {"anchor": 0.9, IMAGEBIND: 0.1}
 ROUTERS = {"A": "audio", "V": "image", "P": "point", "T": "text"}
 OPTIONAL = "num_batches_tracked"  # BatchNorm's step counter: unused in eval mode
@@ -105,7 +98,7 @@ def official_layout(variant: str, anchor: str) -> dict:
     return dict(
         groups=groups,
         blends=blends,
-        predictors=PREDICTORS[variant],
+        predictors=to_plain(group_config("variant", variant).predictors),  # conf/variant's
         projs=projs,
         shares={s: {"image": UNI3D_SIDES, "text": UNI3D_SIDES} for s in pvt},
     )
