@@ -7,6 +7,7 @@
 # Parts (each under its own timeout; a failed part is recorded as failed and the rest go on):
 #   train     bind (clap) and route epochs in bf16-mixed on data=world_medium (bench/stage_costs.py)
 #   search    exact pair search 1M x 1M, dim 1024, on the GPU vs faiss (bench/gpu_search.py)
+#   approx    the same, plus the pair stage's approximate indexes (ivf, hnsw) and their recall@1
 #   extract   extract throughput, random open_clip ViT-L-14, bf16, vs a bare loop (gpu_extract.py)
 #   deepspeed ZeRO-3 inference of the largest random open_clip model that fits (gpu_deepspeed.py)
 #   ddp       bind on 2 GPUs with DDP and global negatives, only when the machine has 2 or more
@@ -61,6 +62,9 @@ for p in $PARTS; do
         trainer.precision=bf16-mixed bind.epochs=1 route.epochs=1 ;;
     search)
       part search 100 python bench/gpu_search.py --rows 1000000 --dim 1024 --faiss-queries 8192 ;;
+    approx)  # exact on the GPU vs the pair stage's ivf and hnsw indexes, 1M x 1M (issue 26)
+      part approx 400 python bench/gpu_search.py --rows 1000000 --dim 1024 --faiss-queries 8192 \
+        --approx ivf,hnsw ;;
     extract)
       part extract 80 python bench/gpu_extract.py --model ViT-L-14 --images 1024 ;;
     deepspeed)

@@ -9,6 +9,13 @@ IndexFlatIP on the same machine over the first `--faiss-queries` queries (a full
 takes hours on a CPU), extrapolated linearly in queries and doubled for the two directions.
 Top-1 rows of the faiss subset must equal ours. Prints a table, then
 `RESULT gpu_search ratio=<faiss seconds / ours seconds>`.
+
+`--approx ivf,hnsw` adds the pair stage's approximate indexes (lightning_modules/pairing/ann.py,
+the settings of conf/config.yaml's `pair:` block) for the a->b direction: each is built over the
+whole gallery (IVF on the GPU when faiss-gpu is installed, else on this machine's CPU cores, as
+the pair stage runs it), searched with the first `--faiss-queries` queries, the search scaled to
+all queries (the build counted once) and the whole doubled for the two directions; recall@1 is
+against ours on those queries.
 """
 
 from __future__ import annotations
@@ -37,11 +44,31 @@ def unit_rows(n: int, dim: int, seed: int):
     return out
 
 
+def approximate(method: str, queries, gallery, exact_rows, gpu: bool) -> tuple:
+    """Build seconds, search seconds of `queries`, recall@1 against exact_rows, where it ran."""
+    import faiss
+    from stage_costs import compose  # bench/stage_costs.py: conf/config.yaml with overrides
+
+    from lightning_modules.pairing.ann import Ann, build_index, search_index
+
+    ann = Ann.from_config({**compose([]).pair, "search": method})
+    start = time.perf_counter()
+    index = build_index(gallery, ann)
+    build, where = time.perf_counter() - start, "CPU"
+    if gpu and method == "ivf":  # faiss-gpu has IVF but no HNSW
+        index, where = faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, index), "GPU"
+    start = time.perf_counter()
+    _, rows = search_index(index, queries, 1)
+    search = time.perf_counter() - start
+    return build, search, float((rows[:, 0] == exact_rows).mean()), where
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=1_000_000)
     parser.add_argument("--dim", type=int, default=1024)
     parser.add_argument("--faiss-queries", type=int, default=16384)
+    parser.add_argument("--approx", default="", help="comma-separated: ivf, hnsw (default: none)")
     args = parser.parse_args()
     import faiss
     import numpy as np
@@ -83,6 +110,11 @@ def main() -> None:
     table.add_row("ours: search_torch, cuda, both directions", f"{ours_s:.1f}", "float32 products")
     note = "measured" if gpu else f"faiss-cpu, {q:,} queries x {args.rows / q:.0f} x 2 directions"
     table.add_row(f"faiss {'GPU' if gpu else 'CPU'} IndexFlatIP", f"{faiss_s:.1f}", note)
+    for method in filter(None, args.approx.split(",")):
+        build, t, recall, where = approximate(method, a[:q], b, ours["a_to_b"][1][:q, 0], gpu)
+        table.add_row(f"approximate: {method} ({where})", f"{(build + t * args.rows / q) * 2:.1f}",
+                      f"build {build:.0f} s + search of {q:,} queries scaled, x 2 directions; "
+                      f"recall@1 {recall:.4f}")  # fmt: skip
     Console(width=120).print(table)
     print(f"top-1 rows equal to faiss on {q:,} queries: {agree:.4f}")
     print(f"RESULT gpu_search ratio={faiss_s / ours_s:.2f}")
