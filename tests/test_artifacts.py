@@ -129,10 +129,3 @@ def test_unreadable_stamp_is_ignored(tmp_path: Path) -> None:
     assert verify_files({path: sha256_file(path)}) == 1
     assert "w.bin" in json.loads((tmp_path / STAMP).read_text())
 
-
-def test_cache_module_still_exports_the_helpers() -> None:
-    from datamodules import cache
-
-    for name in ("CacheError", "atomic_write", "atomic_write_json", "atomic_save_npy"):
-        assert getattr(cache, name) is getattr(artifacts, name)
-    assert cache.sha256_file is artifacts.sha256_file

@@ -15,11 +15,12 @@ from pathlib import Path
 # point (train.py, the inference CLI and OmniBind) imports this module before them, so each looks
 # on disk only, and fails at once naming what is missing (hub_files), unless HF_HUB_OFFLINE=0.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-# Warnings the encoders' own libraries raise on every run, which a user cannot act on: laion_clap
-# calls torch.meshgrid without `indexing`, open_clip and laion_clap import timm's old paths, and
-# older transformers register pytrees through a deprecated torch API.
+# Warnings third-party code raises on every run, which a user cannot act on: laion_clap calls
+# torch.meshgrid without `indexing`, open_clip and laion_clap import timm's old paths, and
+# Lightning's and older transformers' pytree helpers call deprecated torch APIs.
 for _message in (r"torch\.meshgrid: in an upcoming release", r"Importing from timm\.models\.",
-                 r".*_pytree\._register_pytree_node is deprecated"):  # fmt: skip
+                 r".*_pytree\._register_pytree_node is deprecated",
+                 r"`isinstance\(treespec, LeafSpec\)` is deprecated"):  # fmt: skip
     warnings.filterwarnings("ignore", message=_message)
 
 import hydra  # noqa: E402
