@@ -8,6 +8,9 @@ top-k list), on both backends.
 
 from __future__ import annotations
 
+import functools
+import logging
+import time
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -18,6 +21,7 @@ from encoders.modalities import resolve_device
 
 Array = np.ndarray | torch.Tensor
 Advance = Callable[[int], None]
+log = logging.getLogger(__name__)
 
 
 class ShardRows:
@@ -290,20 +294,51 @@ def search_faiss(
 
 
 BACKENDS = ("auto", "torch", "faiss")
+PROBE_ROWS = (2048, 16384)  # at most queries x gallery rows of the kernel probe (dim 1024: ~1 s)
 
 
-def pick_backend(backend: str, a_to_b: bool, b_to_a: bool, device: str | torch.device) -> str:
-    """The kernel `search` runs for `backend`; `auto` picks the faster one for the direction
-    mode (bench/pair_retrieval.py): both directions at once, or any search on a GPU, take our
-    blocked matmul (one pass of score blocks serves both directions); one direction on the CPU
-    takes faiss IndexFlatIP, as fast or faster than ours on the CPUs measured (bench/RESULTS.md).
-    """
+def pick_backend(
+    backend: str,
+    a_to_b: bool,
+    b_to_a: bool,
+    device: str | torch.device,
+    dim: int = 1024,
+    chunk: int = 4096,
+    gallery_chunk: int = 2048,
+) -> str:
+    """The kernel `search` runs for `backend`. `auto`: our blocked matmul for both directions
+    at once (one pass of score blocks serves both) and on a GPU; for one direction on the CPU,
+    whichever of ours and faiss IndexFlatIP the probe times faster on this machine at these
+    block sizes (bench/pair_retrieval.py: faiss on some CPUs, ours on others)."""
     if backend not in BACKENDS:
         raise ValueError(f"pair.backend={backend!r}; expected one of {list(BACKENDS)}")
     if backend != "auto":
         return backend
-    one_way = a_to_b != b_to_a
-    return "faiss" if one_way and resolve_device(device).type == "cpu" else "torch"
+    if a_to_b == b_to_a or resolve_device(device).type != "cpu":
+        return "torch"
+    return _faster_one_way(dim, chunk, gallery_chunk, torch.get_num_threads())
+
+
+@functools.cache
+def _faster_one_way(dim: int, chunk: int, gallery_chunk: int, threads: int) -> str:
+    """Time both exact kernels on seeded unit rows, one query block over 8 gallery blocks (at
+    most PROBE_ROWS), best of 2 each; logs the choice."""
+    rng = np.random.default_rng(0)
+    rows = (min(chunk, PROBE_ROWS[0]), min(8 * gallery_chunk, PROBE_ROWS[1]))
+    q, g = (rng.standard_normal((n, dim), dtype=np.float32) for n in rows)
+    q, g = (x / np.linalg.norm(x, axis=1, keepdims=True) for x in (q, g))
+    seconds = {}
+    for name in ("torch", "faiss"):
+        times = []
+        for _ in range(2):
+            start = time.perf_counter()
+            search(q, g, 1, backend=name, chunk=chunk, gallery_chunk=gallery_chunk)
+            times.append(time.perf_counter() - start)
+        seconds[name] = min(times)
+    pick = min(seconds, key=seconds.get)
+    log.info("pair.backend=auto: one-direction search on this CPU uses %s (probe %s)", pick,
+             ", ".join(f"{k} {v:.3f} s" for k, v in seconds.items()))  # fmt: skip
+    return pick
 
 
 def search(
@@ -325,7 +360,7 @@ def search(
 
     Scores are a_i . b_j (+ a_bias[i] + b_bias[j] when given); see `search_torch`.
     """
-    backend = pick_backend(backend, a_to_b, b_to_a, device)
+    backend = pick_backend(backend, a_to_b, b_to_a, device, a.shape[1], chunk, gallery_chunk)
     if backend == "torch":
         kw = dict(chunk=chunk, gallery_chunk=gallery_chunk, device=device, advance=advance)
         return search_torch(a, b, k, a_to_b=a_to_b, b_to_a=b_to_a, a_bias=a_bias, b_bias=b_bias,
@@ -352,9 +387,10 @@ def search_steps(
     chunk: int,
     gallery_chunk: int,
     device: str | torch.device = "cpu",
+    dim: int = 1024,
 ) -> int:
     """How many times `search` calls `advance` (for a progress bar's total)."""
-    if pick_backend(backend, a_to_b, b_to_a, device) == "torch":
+    if pick_backend(backend, a_to_b, b_to_a, device, dim, chunk, gallery_chunk) == "torch":
         return -(-n_a // chunk)
     blocks = lambda q, g: -(-q // chunk) * -(-g // gallery_chunk)  # noqa: E731
     return a_to_b * blocks(n_a, n_b) + b_to_a * blocks(n_b, n_a)

@@ -333,15 +333,15 @@ def _search(
     chunk, gchunk, backend = int(pc.chunk), int(pc.gallery_chunk), str(pc.backend)
     kw = dict(backend=backend, chunk=chunk, gallery_chunk=gchunk, device=device)
 
-    def steps(a: str, b: str, directions: Mapping[str, int]) -> int:
+    def steps(name: str, a: str, b: str, directions: Mapping[str, int]) -> int:
         if ann.approximate:
             return ann_steps(sizes[a], sizes[b], directions, chunk)
-        a_to_b, b_to_a = "a_to_b" in directions, "b_to_a" in directions
-        return search_steps(sizes[a], sizes[b], a_to_b, b_to_a, backend, chunk, gchunk, device)
+        a_to_b, b_to_a, dim = "a_to_b" in directions, "b_to_a" in directions, caches[(name, a)].dim
+        return search_steps(sizes[a], sizes[b], a_to_b, b_to_a, backend, chunk, gchunk, device, dim)
 
     both = {"a_to_b": 1, "b_to_a": 1}
-    total = sum(steps(a, b, _directions(a, b, w)) + (csls and steps(a, b, both))
-                for _, a, b, w, csls, _ in passes)  # fmt: skip
+    total = sum(steps(n, a, b, _directions(a, b, w)) + (csls and steps(n, a, b, both))
+                for n, a, b, w, csls, _ in passes)  # fmt: skip
 
     nearest: dict[tuple[str, str], tuple[np.ndarray, np.ndarray]] = {}
     second: dict[tuple[str, str], np.ndarray] = {}  # cross_k rows in the second space
@@ -388,7 +388,8 @@ def _search(
                              gallery_rows=sizes[y], topk=want[(x, y)], csls=bool(csls),
                              role="cross_space" if is_second else "route",
                              mean_top1_score=float(scores[:, 0].mean()))  # fmt: skip
-                kernel = pick_backend(backend, "a_to_b" in res, "b_to_a" in res, device)
+                kernel = pick_backend(backend, "a_to_b" in res, "b_to_a" in res, device,
+                                      xa.shape[1], chunk, gchunk)  # fmt: skip
                 report.append({**entry, **how.get(key, dict(index="exact", kernel=kernel))})
                 _log_index(report[-1], ann)
             log.info("pair: %s-%s in %s: %.1f s", a, b, name, time.perf_counter() - ta)
