@@ -1,8 +1,9 @@
 """Projected caches: each bound space's frozen projections of cached rows, written once.
 
 The route stage trains only routers over frozen projectors, so every (dataset, modality) row's
-projection into the omni space is computed once into `<space>@omni` caches under their own root,
-and the route datamodule reads them like any other cache.
+projection into the omni space is computed once into `<space>@omni` caches, and the route
+datamodule reads them like any other cache. Each bound space's caches live under a root named by
+the digest of its weights, so routes over different bound spaces never overwrite each other.
 """
 
 from __future__ import annotations
@@ -22,6 +23,13 @@ def projected_space(space: str) -> str:
     return space + PROJECTED
 
 
+def projected_roots(
+    proj_root: Path, projectors: Mapping[str, tuple[torch.nn.Module, str]]
+) -> dict[str, Path]:
+    """{`<space>@omni`: the root of its projected caches}, one per bound space's weight digest."""
+    return {projected_space(name): Path(proj_root) / d for name, (_, d) in projectors.items()}
+
+
 @torch.no_grad()
 def ensure_projected(
     root: Path,
@@ -36,13 +44,14 @@ def ensure_projected(
     projectors: {space: (its projector mixture, the digest of its weights)}; a projected cache
     is current when it was made from these weights and this source cache.
     """
+    roots = projected_roots(proj_root, projectors)
     for name, (mixture, weights) in projectors.items():
         src = cache_dir(root, dataset, name, modality)
         if not src.exists():
             continue
         source = EmbeddingCache(src)
         fp = f"{weights}-{source.fingerprint}"
-        out = cache_dir(proj_root, dataset, projected_space(name), modality)
+        out = cache_dir(roots[projected_space(name)], dataset, projected_space(name), modality)
         manifest = read_manifest(out) if out.exists() else None
         if manifest is not None and manifest.get("fingerprint") == fp:
             continue

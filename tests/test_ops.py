@@ -248,6 +248,32 @@ def test_a_crashed_run_resumes_to_the_uninterrupted_result(small_world, compose_
         assert torch.equal(value, b["state_dict"][key]), key
 
 
+def test_a_crashed_route_resumes_from_router_only_checkpoints(small_world, compose_cfg):
+    """Route checkpoints hold no projectors (the bound spaces supply them): resuming one still
+    gives the uninterrupted run's routers, bit for bit."""
+    train(compose_cfg(*BIND))
+    args = ("stage=route", "variant=small", "~variant.spaces.imagebind", "~variant.spaces.uni3d",
+            "route.pairs=oracle", "route.epochs=3", "route.batch_size=64")  # fmt: skip
+    whole = compose_cfg(*args, "run_name=whole")
+    train(whole)
+    make = training.make_trainer
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(
+            training, "make_trainer", lambda c, e, cbs, logger=None: make(c, e, [*cbs, _Crash()])
+        )
+        with pytest.raises(RuntimeError, match="crash"):
+            train(compose_cfg(*args, "run_name=crashed"))
+    crashed = compose_cfg(*args, "run_name=crashed", "resume=true")
+    assert _ckpt(crashed.run_dir)["epoch"] == 0
+    train(crashed)
+    a, b = _ckpt(whole.run_dir), _ckpt(crashed.run_dir)
+    assert a["global_step"] == b["global_step"] > 6
+    assert a["state_dict"].keys() == b["state_dict"].keys()
+    assert not any(k.startswith("model.projectors.") for k in a["state_dict"])
+    for key, value in a["state_dict"].items():
+        assert torch.equal(value, b["state_dict"][key]), key
+
+
 def test_last_ckpt_is_the_last_epoch_even_when_it_is_not_the_best(small_world, compose_cfg):
     # Monitored on the epoch with mode=min, epoch 0 stays the best: epoch 1 writes no best.ckpt.
     cfg = compose_cfg(*BIND, "bind.epochs=2", "callbacks.model_checkpoint.monitor=epoch",

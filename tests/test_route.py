@@ -318,8 +318,9 @@ def test_leave_retriever_out_drops_the_retrievers_groups_per_pair_term() -> None
     groups = {"audio": ["a", "b"], "text": ["a", "b", "c", "d"]}
     links = {"text": {"audio_text": ["a"]}}  # text-started tuples: audio retrieved by `a`
     torch.manual_seed(0)
-    model = RouteModule(_meta(groups), align_mode="leave_retriever_out", links=links, gather=False,
-                        optimizer=ADAM)
+    model = RouteModule(
+        _meta(groups), align_mode="leave_retriever_out", links=links, gather=False, optimizer=ADAM
+    )
     batch = _route_batch(groups)
     batch["start"] = torch.tensor(
         [MODALITIES.index("text")] * 16 + [MODALITIES.index("audio")] * 16
@@ -368,3 +369,53 @@ def test_routing_learns_and_no_export_validates_below_its_start(
     for name in ("routed", "frozen", "wrecked"):
         meta = load_omni(tmp_path / "omni" / "small" / name).layout.to_dict()
         assert meta["best_val_mean_R1"] >= meta["start_val_mean_R1"], (name, meta)
+
+
+def test_route_checkpoints_hold_the_routers_and_the_bound_spaces_digests(tmp_path: Path) -> None:
+    """With `bound` directories, checkpoints drop the frozen projectors (read back from the
+    bound spaces, whose digests they record) and reload to the same model; a rebound space is
+    refused by name."""
+    import lightning as L
+    from torch.utils.data import DataLoader
+
+    from lightning_modules.omni.export import BOUND_WEIGHTS, save_bound_space
+    from lightning_modules.omni.layers import ProjectorMixture
+
+    meta = _meta(GROUPS)
+
+    def bind(name: str) -> str:
+        s = meta["spaces"][name]
+        mixture = ProjectorMixture(12, s["out_dim"], s["hidden_dim"], len(s["experts"]))
+        return str(save_bound_space(mixture, tmp_path / "bound" / name, {"space": name, **s}))
+
+    torch.manual_seed(0)
+    bound = {name: bind(name) for name in meta["spaces"]}
+    model = RouteModule(meta, optimizer=ADAM, bound=bound)
+    full = RouteModule(meta, optimizer=ADAM)  # no bound directories: the whole state is kept
+    for module in (model, full):
+        trainer = L.Trainer(accelerator="cpu", max_steps=3, logger=False, enable_progress_bar=False,
+                            enable_checkpointing=False, enable_model_summary=False,
+                            default_root_dir=tmp_path)  # fmt: skip
+        trainer.fit(module.train(), DataLoader([_route_batch(GROUPS)] * 3, batch_size=None))
+        trainer.save_checkpoint(tmp_path / f"{id(module)}.ckpt")
+    ckpt = torch.load(tmp_path / f"{id(model)}.ckpt", map_location="cpu", weights_only=False)
+    assert ckpt["state_dict"] and not any(
+        k.startswith("model.projectors.") for k in ckpt["state_dict"]
+    )
+    assert {k for k in ckpt["state_dict"] if k.startswith("model.routers.")} == {
+        f"model.{k}" for k in model.model.state_dict() if k.startswith("routers.")
+    }
+    assert ckpt["bound_sha256"] == {
+        n: file_sha256(Path(d) / BOUND_WEIGHTS) for n, d in bound.items()
+    }
+    whole = torch.load(tmp_path / f"{id(full)}.ckpt", map_location="cpu", weights_only=False)
+    assert any(k.startswith("model.projectors.") for k in whole["state_dict"])
+
+    again = RouteModule.load_from_checkpoint(tmp_path / f"{id(model)}.ckpt", map_location="cpu")
+    state = model.state_dict()
+    assert again.state_dict().keys() == state.keys()
+    assert all(torch.equal(v, state[k]) for k, v in again.state_dict().items())
+
+    bind("b")  # rebound: new weights, and a new digest in its record
+    with pytest.raises(CacheError, match=r"bound/b/projectors.safetensors: the bound space 'b'"):
+        RouteModule.load_from_checkpoint(tmp_path / f"{id(model)}.ckpt", map_location="cpu")

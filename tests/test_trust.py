@@ -22,7 +22,7 @@ from datamodules.cache import CacheWriter, cache_dir
 from datamodules.items import RawDataError, list_items
 from datamodules.tuples import load_tuples, save_tuples
 from lightning_modules.inference.cli import main
-from lightning_modules.omni.export import load_bound_space, load_omni, save_omni
+from lightning_modules.omni.export import BOUND_WEIGHTS, load_bound_space, load_omni, save_omni
 from lightning_modules.omni.layout import OmniLayout
 from lightning_modules.omni.model import OmniModel
 from lightning_modules.stages.extract import run as extract
@@ -88,8 +88,9 @@ def test_route_reads_the_pool_name_from_the_tuple_table(
     model = load_omni(tmp_path / "omni" / "small" / "routed")
     assert model.layout.groups == {"audio": ["clap"], "text": ["clap"]}
     assert model.layout.record["tuples_sha256"] == file_sha256(tuples)
-    assert (tmp_path / "projected" / "unpaired" / "clap@omni" / "audio").is_dir()
-    assert not (tmp_path / "projected" / "pool").exists()
+    digest = file_sha256(tmp_path / "bound" / "clap" / BOUND_WEIGHTS)[:16]
+    assert (tmp_path / "projected" / digest / "unpaired" / "clap@omni" / "audio").is_dir()
+    assert not (tmp_path / "projected" / digest / "pool").exists()
 
 
 # ------------------------------------------------------------------------ offline by default

@@ -16,7 +16,7 @@ from omegaconf import DictConfig
 from rich.progress import track
 
 from datamodules.artifacts import CacheError, file_sha256
-from datamodules.projected import ensure_projected, projected_space
+from datamodules.projected import ensure_projected, projected_roots, projected_space
 from datamodules.tuples import link_retrievers, load_tuples
 from encoders.modalities import MODALITIES, PAIRS
 from lightning_modules.evaluation.plots import weight_heatmap
@@ -103,10 +103,18 @@ class RouteModule(RetrievalValidation):
         train: list[str] | None = None,
         align_mode: str = "all",
         links: dict | None = None,
+        bound: dict[str, str] | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.model = OmniModel(OmniLayout.from_dict(layout))
+        # bound: {space: its bound-space directory}. The frozen projectors are read from there,
+        # and checkpoints then hold only what trains plus the bound weights' digests.
+        self.bound_sha256 = {}
+        for name, directory in (bound or {}).items():
+            mixture, _ = load_bound_space(directory)
+            self.model.projectors[name].load_state_dict(mixture.state_dict())
+            self.bound_sha256[name] = file_sha256(Path(directory) / BOUND_WEIGHTS)
         groups = self.model.layout.groups
         trained = list(groups) if train is None else list(train)
         unknown = sorted(set(trained) - set(groups))
@@ -126,6 +134,33 @@ class RouteModule(RetrievalValidation):
                 self.register_buffer(f"leave_out_{a}_{b}", mask, persistent=False)
         self.setup_validation([(a, b) for a, b in PAIRS if a in groups and b in groups])
         self._weights: dict[str, list[torch.Tensor]] = {}
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """Checkpoints keep the routers; the frozen projectors are named by their digests."""
+        if not self.bound_sha256 or "state_dict" not in checkpoint:  # DeepSpeed saves its own
+            return
+        checkpoint["bound_sha256"] = self.bound_sha256
+        state = checkpoint["state_dict"]
+        for key in [k for k in state if k.startswith("model.projectors.")]:
+            del state[key]
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """Refill the projectors from the bound spaces read in __init__, if they are the same."""
+        saved = checkpoint.get("bound_sha256")
+        if saved is None or "state_dict" not in checkpoint:
+            return
+        for name, digest in saved.items():
+            if self.bound_sha256.get(name) != digest:
+                where = Path(self.hparams.bound[name]) / BOUND_WEIGHTS
+                raise CacheError(
+                    f"{where}: the bound space {name!r} changed since this route checkpoint was "
+                    f"written (sha256 {digest[:16]}, now {self.bound_sha256.get(name, '?')[:16]});"
+                    " rerun the route stage without resume"
+                )
+        state = checkpoint["state_dict"]
+        for key, value in self.state_dict().items():
+            if key.startswith("model.projectors."):
+                state.setdefault(key, value)
 
     def projections(self, emb: dict) -> dict[str, torch.Tensor]:
         """The groups' projections {modality: (batch, groups, omni_dim)} a batch carries."""
@@ -270,7 +305,7 @@ def run(cfg: DictConfig) -> float:
         ensure_projected(root, proj_root, projectors, dataset, m, cfg.data.dtype)
     needs = {(projected_space(s) if s != anchor else s, m) for m, gs in groups.items() for s in gs}
     needs |= {(p, m) for m, ps in layout.predictors.items() for p in ps}
-    roots = {projected_space(s): proj_root for s in sources}
+    roots = projected_roots(proj_root, projectors)
     datamodule = hydra.utils.instantiate(cfg.datamodule)(
         root, tuples, needs, {}, val_pairs, batch_size=cfg.route.batch_size, roots=roots
     )
@@ -281,10 +316,9 @@ def run(cfg: DictConfig) -> float:
         links = link_retrievers(tuples, tuples_meta)
     # The layout is passed as its plain record (its encoder configs are data, not objects).
     model: RouteModule = hydra.utils.instantiate(
-        cfg.model.route, layout=layout.to_dict(), links=links, _recursive_=False
-    )
-    for name, (mixture, _) in bound.items():
-        model.model.projectors[name].load_state_dict(mixture.state_dict())
+        cfg.model.route, layout=layout.to_dict(), links=links, _recursive_=False,
+        bound={name: str(bound_dir / name) for name in bound},
+    )  # fmt: skip
     trainer, best, score = fit_best(cfg, model, datamodule, cfg.route.epochs, start_competes=True)
     if trainer.is_global_zero:
         omni = best.model
