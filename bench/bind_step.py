@@ -30,6 +30,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import hydra  # noqa: E402
 import lightning as L  # noqa: E402
 import torch  # noqa: E402
 from hydra import compose, initialize_config_dir  # noqa: E402
@@ -39,7 +40,7 @@ from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
 from datamodules.embeddings import EmbeddingDataModule  # noqa: E402
-from lightning_modules.runtime.config import CONF_DIR, ensure_data, to_plain  # noqa: E402
+from lightning_modules.runtime.config import CONF_DIR, ensure_data  # noqa: E402
 from lightning_modules.runtime.training import make_trainer
 from lightning_modules.stages.bind import BindModule  # noqa: E402
 
@@ -85,29 +86,11 @@ def build(cfg: DictConfig, root: Path) -> tuple[BindModule, EmbeddingDataModule]
     space, anchor = cfg.space, cfg.anchor
     dims, anchor_dims = dict(space.dims), dict(anchor.dims)
     needs = [(space.name, m) for m in dims] + [(anchor.name, m) for m in anchor_dims]
-    dm = EmbeddingDataModule(
-        root,
-        root / "tuples" / "oracle.npz",
-        needs,
-        {},
-        batch_size=cfg.bind.batch_size,
-        seed=cfg.seed,
+    dm = hydra.utils.instantiate(cfg.datamodule)(
+        root, root / "tuples" / "oracle.npz", needs, {}, batch_size=cfg.bind.batch_size
     )
     L.seed_everything(cfg.seed, verbose=False)
-    model = BindModule(
-        space.name,
-        anchor.name,
-        dims,
-        anchor_dims,
-        to_plain(cfg.bind.experts),
-        hidden_dim=cfg.bind.hidden_dim,
-        renormalize=cfg.bind.renormalize,
-        temperature=cfg.loss.temperature,
-        loss_weights=to_plain(cfg.loss.weights),
-        optimizer=to_plain(cfg.model.bind.optimizer),
-        scheduler=to_plain(cfg.model.bind.scheduler),
-        warmup_fraction=cfg.bind.warmup_fraction,
-    )
+    model = hydra.utils.instantiate(cfg.model.bind, _recursive_=False)
     return model, dm
 
 

@@ -30,13 +30,14 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import hydra  # noqa: E402
 import torch  # noqa: E402
 from hydra import compose, initialize_config_dir  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 from torch.utils.data import DataLoader, Dataset  # noqa: E402
 
-from datamodules.embeddings import EmbeddingDataModule, load_embeddings  # noqa: E402
+from datamodules.embeddings import load_embeddings  # noqa: E402
 from datamodules.synthetic.world import ensure_world  # noqa: E402
 from lightning_modules.runtime.config import CONF_DIR, space_configs  # noqa: E402
 
@@ -136,9 +137,9 @@ def main() -> None:
         setup_s = time.perf_counter() - t0
         needs = [("clap", m) for m in ("audio", "text")]
         needs += [("eva_clip_18b", m) for m in ("image", "text")]
-        dm = EmbeddingDataModule(
-            root, root / "tuples" / "oracle.npz", needs, {}, batch_size=args.batch_size, seed=0
-        )
+        with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+            configured = hydra.utils.instantiate(compose("config", ["seed=0"]).datamodule)
+        dm = configured(root, root / "tuples" / "oracle.npz", needs, {}, batch_size=args.batch_size)
         dm.setup("fit")
         data = dm.train_set
         loader = dm.train_dataloader()

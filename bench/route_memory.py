@@ -78,11 +78,17 @@ def write_world(root: Path, n: int, batch: int) -> Path:
 
 def child(root: Path, mode: str, resident_mb: float, batch: int) -> None:
     """One epoch in this process; prints a JSON line with the peak RSS and the epoch time."""
-    from datamodules.embeddings import EmbeddingDataModule, load_embeddings
+    import hydra
+    from hydra import compose, initialize_config_dir
+
+    from datamodules.embeddings import load_embeddings
+    from lightning_modules.runtime.config import CONF_DIR
 
     torch.set_num_threads(1)
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        configured = hydra.utils.instantiate(compose("config").datamodule)  # a functools.partial
     kw = {"resident_mb": 0 if mode == "streaming" else resident_mb}
-    dm = EmbeddingDataModule(root, root / "tuples.npz", needs(), {}, batch_size=batch, **kw)
+    dm = configured(root, root / "tuples.npz", needs(), {}, batch_size=batch, **kw)
     dm.setup("fit")
     if mode == "whole caches":
         for (s, m), cache in dm.train_set.arrays.items():

@@ -12,13 +12,20 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
+from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
+
+import hydra
 import torch
 import torch.nn.functional as F
+from hydra import compose, initialize_config_dir
 
 from datamodules.projected import PROJECTED
 from encoders.modalities import MODALITIES, PROVENANCES
+from lightning_modules.runtime.config import CONF_DIR
 from lightning_modules.stages.route import RouteModule
 
 torch.set_num_threads(2)
@@ -36,7 +43,10 @@ def make_batch(n_spaces: int, batch: int, dim: int, pred_dim: int) -> tuple[Rout
                 spaces={s: dict(dims={m: 8 for m in MODALITIES}, out_dim=dim, hidden_dim=8,
                                 experts=["mix"], renormalize=False) for s in spaces},
                 scales={m: 10.0 if m == "text" else 1.0 for m in MODALITIES})  # fmt: skip
-    model = RouteModule(meta)
+    # conf/model/route.yaml's values, every router training (as the paper's recipe)
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        route = compose("config").model.route
+    model: RouteModule = hydra.utils.instantiate(route, layout=meta, train=None, _recursive_=False)
     emb = {s + PROJECTED: {m: F.normalize(torch.randn(batch, dim), dim=-1) for m in MODALITIES}
            for s in spaces}  # fmt: skip
     emb["pred"] = {m: torch.randn(batch, pred_dim) for m in MODALITIES}

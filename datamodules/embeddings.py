@@ -234,7 +234,8 @@ class EmbeddingDataModule(L.LightningDataModule):
     val_pairs: modality pairs whose `<val_prefix>_<a>_<b>` datasets serve validation;
     roots: per-space cache roots that differ from `root` (e.g. projected caches);
     resident_mb: memory for whole caches (the smallest first); the others stay on disk and
-    each batch reads its rows (see CacheRows).
+    each batch reads its rows (see CacheRows). seed, resident_mb, val_share and val_max are
+    conf/datamodule/embeddings.yaml's, declared there once; the stage gives the batch size.
 
     Train batches: {"emb": {space: {modality: (B, dim) float32}}, "weight": {modality: (B,)},
     "start", "provenance", "index"}; a row whose tuple lacks modality m has zeros and weight 0
@@ -248,15 +249,16 @@ class EmbeddingDataModule(L.LightningDataModule):
         needs: Needs,
         dims: Mapping[tuple[str, str], int],
         val_pairs: Iterable[tuple[str, str]] = (),
-        batch_size: int = 512,
+        *,
+        batch_size: int,
+        seed: int,
+        resident_mb: float,
+        val_share: float,
+        val_max: int,
         val_batch_size: int = 1024,
-        seed: int = 0,
         num_workers: int = 0,
         val_prefix: str = "val",
         roots: Mapping[str, str | Path] | None = None,
-        resident_mb: float = 256,
-        val_share: float = 0.05,
-        val_max: int = 2000,
     ) -> None:
         super().__init__()
         self.root, self.tuples = Path(root), Path(tuples)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import functools
 import os
 import sys
 from collections.abc import Callable
@@ -19,7 +21,7 @@ if str(REPO) not in sys.path:  # `pytest` run from anywhere finds the packages a
 
 import torch  # noqa: E402
 from hydra import compose, initialize_config_dir  # noqa: E402
-from omegaconf import DictConfig  # noqa: E402
+from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 # The tests' tensors are tiny: on a small shared machine, intra-op threads only contend (a
 # projector step ran 10x slower with 2 threads than with 1 on the 2-core sandbox).
@@ -49,6 +51,20 @@ def compose_config(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
     """conf/config.yaml composed by Hydra with these overrides (no small-world defaults)."""
     with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
         return compose(config_name="config", overrides=list(overrides))
+
+
+@functools.cache
+def _configured(group: str) -> dict:
+    cfg = compose_config()
+    node = cfg.datamodule if group == "datamodule" else cfg.model[group]
+    return {k: v for k, v in OmegaConf.to_container(node, resolve=True).items()
+            if not k.startswith("_")}  # fmt: skip
+
+
+def configured(group: str, **kw) -> dict:
+    """The default config's arguments of a module (`bind`, `route`: conf/model/<group>.yaml;
+    `datamodule`), updated by kw: modules built by hand take the values declared there."""
+    return {**copy.deepcopy(_configured(group)), **kw}
 
 
 @pytest.fixture(scope="session")

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import configured
 
 from datamodules.artifacts import CacheError
 from datamodules.embeddings import EmbeddingDataModule
@@ -43,15 +44,10 @@ def _unit(*shape: int, seed: int = 0) -> torch.Tensor:
 
 def _small_module(**kw) -> BindModule:
     """A BindModule of an audio-text space (dim 8) bound to an image-text anchor (dim 6)."""
-    return BindModule(
-        "src",
-        "anc",
-        {"audio": 8, "text": 8},
-        {"image": 6, "text": 6},
-        "freebind",
-        hidden_dim=16,
-        **kw,
-    )
+    small = dict(space="src", anchor="anc", dims={"audio": 8, "text": 8},
+                 anchor_dims={"image": 6, "text": 6}, experts="freebind",
+                 hidden_dim=16)  # fmt: skip
+    return BindModule(**configured("bind", **{**small, **kw}))
 
 
 def _batch(start: torch.Tensor) -> dict:
@@ -143,15 +139,7 @@ def test_every_expert_receives_gradients() -> None:
 def test_loss_of_one_expert_is_the_weighted_info_nce() -> None:
     experts = ["mix"]
     weights = {"audio_image": 0.0, "text_text": 3.0}  # the others default to 1
-    model = BindModule(
-        "src",
-        "anc",
-        {"audio": 8, "text": 8},
-        {"image": 6, "text": 6},
-        experts,
-        hidden_dim=16,
-        loss_weights=weights,
-    )
+    model = _small_module(experts=experts, loss_weights=weights)
     batch = _batch(torch.arange(8) % 4)
     loss = _step(model, batch)
     src, anc, expert = batch["emb"]["src"], batch["emb"]["anc"], model.mixture.experts[0]
@@ -246,9 +234,9 @@ def test_binding_beats_the_untrained_projector(small_world: Path, compose_cfg) -
     trained = BindModule.load_from_checkpoint(run_dir / "checkpoints" / "best.ckpt")
     hp = dict(trained.hparams)
     needs = [("clap", m) for m in hp["dims"]] + [("eva_clip_18b", m) for m in hp["anchor_dims"]]
-    dm = EmbeddingDataModule(
-        small_world, small_world / "tuples" / "oracle.npz", needs, {}, trained.val_pairs
-    )
+    tuples = small_world / "tuples" / "oracle.npz"
+    dm = EmbeddingDataModule(small_world, tuples, needs, {}, trained.val_pairs,
+                             **configured("datamodule", batch_size=512))  # fmt: skip
     L.seed_everything(0)
     before, after = _validate(BindModule(**hp), dm), _validate(trained, dm)
     assert after["val/mean_R@1"] == pytest.approx(best, abs=1e-6)
@@ -318,7 +306,8 @@ def test_without_paired_sets_it_validates_on_held_out_tuples(small_world: Path, 
 
     dm = EmbeddingDataModule(small_world, small_world / "tuples" / "oracle.npz",
                              [("clap", "audio"), ("clap", "text")], {}, [("audio", "text")],
-                             val_prefix="nosuch", val_share=0.1, seed=3)  # fmt: skip
+                             val_prefix="nosuch", **configured("datamodule", val_share=0.1,
+                                                               seed=3, batch_size=512))  # fmt: skip
     dm.setup()
     held = dm.val_sets[0]
     table, _ = load_tuples(small_world / "tuples" / "oracle.npz")

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import configured
 
 from datamodules.artifacts import CacheError
 from datamodules.cache import CacheWriter, cache_dir
@@ -53,7 +54,8 @@ def world(tmp_path: Path) -> dict:
 
 def _dm(world: dict, **kw) -> EmbeddingDataModule:
     needs = [(s, m) for s in DIM for m in POOL]
-    dm = EmbeddingDataModule(world["root"], world["root"] / "t.npz", needs, {}, batch_size=8, **kw)
+    dm = EmbeddingDataModule(world["root"], world["root"] / "t.npz", needs, {},
+                             **configured("datamodule", batch_size=8, **kw))  # fmt: skip
     dm.setup("fit")
     return dm
 

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import configured
 from omegaconf import OmegaConf
 
 from datamodules.artifacts import CacheError
@@ -111,7 +112,9 @@ def _random_bound(cfg, space: str, dims: dict[str, int]) -> Path:
     """A bound-space export with random (untrained) projectors, as stage=bind writes it."""
     torch.manual_seed(0)
     anchor = {"image": 1536, "text": 1536}
-    model = BindModule(space, "eva_clip_18b", dims, anchor, ["mix"], hidden_dim=16)
+    small = dict(space=space, anchor="eva_clip_18b", dims=dims, anchor_dims=anchor,
+                 experts=["mix"], hidden_dim=16)  # fmt: skip
+    model = BindModule(**configured("bind", **small))
     return export_bound_space(model.eval(), Path(cfg.evaluate.bound_dir) / space)
 
 

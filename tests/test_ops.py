@@ -502,8 +502,8 @@ import json, sys
 sys.path.insert(0, {repo!r})
 import torch
 torch.set_num_threads(1)
+import hydra
 from hydra import compose, initialize_config_dir
-from datamodules.embeddings import EmbeddingDataModule
 from lightning_modules.stages.bind import BindModule
 from lightning_modules.runtime.training import make_trainer
 
@@ -514,8 +514,8 @@ model = BindModule.load_from_checkpoint(checkpoint, map_location="cpu")
 hp = model.hparams
 needs = [(hp.space, m) for m in hp.dims] + [(hp.anchor, m) for m in hp.anchor_dims]
 # 300 pairs in batches of 64: 5 batches, so 2 ranks get 3 each, one of them a padding repeat.
-dm = EmbeddingDataModule(world, world + "/tuples/oracle.npz", needs, {{}}, model.val_pairs,
-                         val_batch_size=64)
+dm = hydra.utils.instantiate(cfg.datamodule)(world, world + "/tuples/oracle.npz", needs, {{}},
+                                             model.val_pairs, batch_size=64, val_batch_size=64)
 trainer = make_trainer(cfg, 1, [], logger=False)
 metrics = trainer.validate(model, dm, verbose=False)[0]
 if trainer.is_global_zero:

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import configured
 from safetensors.torch import load_file
 
 from datamodules.artifacts import CacheError, file_sha256
@@ -38,8 +39,10 @@ def test_router_shapes_and_layout() -> None:
     ]  # fmt: skip
 
 
-# conf/model/route.yaml's optimizer, as a `_partial_` config
-ADAM = {"_target_": "torch.optim.Adam", "_partial_": True, "lr": 1e-3}
+def _route(layout: dict, **kw) -> RouteModule:
+    """A RouteModule with conf/model/route.yaml's values, where every router trains unless
+    `train` says otherwise."""
+    return RouteModule(**configured("route", **{"layout": layout, "train": None, **kw}))
 
 
 def _meta(groups: dict, dim: int = 24, kind: str = "routed") -> dict:
@@ -71,7 +74,7 @@ GROUPS = {"audio": ["a", "b"], "image": ["b", "c", "d"], "text": ["a", "b", "c",
 
 
 def test_route_weights_sum_to_one_and_embeddings_are_normalised() -> None:
-    model = RouteModule(_meta(GROUPS)).eval()
+    model = _route(_meta(GROUPS)).eval()
     batch = _route_batch(GROUPS)
     out = model(batch["emb"])
     for m, gs in GROUPS.items():
@@ -103,14 +106,14 @@ def test_precomputed_projections_equal_projecting_in_forward() -> None:
 
 
 def test_projectors_stay_frozen_in_train_mode() -> None:
-    model = RouteModule(_meta(GROUPS), optimizer=ADAM).train()
+    model = _route(_meta(GROUPS)).train()
     assert not any(p.requires_grad for p in model.model.projectors.parameters())
     assert not any(m.training for m in model.model.projectors.modules())
     assert all(p.requires_grad for p in model.model.routers.parameters())
     params = {id(p) for g in model.configure_optimizers().param_groups for p in g["params"]}
     assert params == {id(p) for p in model.model.routers.parameters()}
     assert model.configure_optimizers().param_groups[0]["lr"] == 1e-3
-    fixed = RouteModule(_meta(GROUPS, kind="fixed"), optimizer=ADAM, fixed_lr=1e-2)
+    fixed = _route(_meta(GROUPS, kind="fixed"), fixed_lr=1e-2)
     assert fixed.configure_optimizers().param_groups[0]["lr"] == 1e-2
 
 
@@ -250,7 +253,7 @@ def test_route_steps_under_bf16_mixed_on_cpu() -> None:
     from torch.utils.data import DataLoader
 
     torch.manual_seed(0)
-    model = RouteModule(_meta(GROUPS), optimizer=ADAM)
+    model = _route(_meta(GROUPS))
     before = {k: v.clone() for k, v in model.model.routers.state_dict().items()}
     trainer = L.Trainer(accelerator="cpu", precision="bf16-mixed", fast_dev_run=2, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False)  # fmt: skip
@@ -267,7 +270,7 @@ def test_routers_start_uniform_and_held_routers_stay_uniform() -> None:
     from torch.utils.data import DataLoader
 
     torch.manual_seed(0)
-    model = RouteModule(_meta(GROUPS), train=["text"], optimizer=ADAM)
+    model = _route(_meta(GROUPS), train=["text"])
     batch = _route_batch(GROUPS)
     with torch.no_grad():
         start = model.eval()(batch["emb"])
@@ -284,7 +287,7 @@ def test_routers_start_uniform_and_held_routers_stay_uniform() -> None:
         assert torch.equal(after.weights[m], start.weights[m])
     assert not torch.allclose(after.weights["text"], start.weights["text"])
     with pytest.raises(ValueError, match=r"route.train=\['video'\]"):
-        RouteModule(_meta(GROUPS), train=["video"])
+        _route(_meta(GROUPS), train=["video"])
 
 
 def test_link_retrievers_follow_each_start_s_tree() -> None:
@@ -318,8 +321,8 @@ def test_leave_retriever_out_drops_the_retrievers_groups_per_pair_term() -> None
     groups = {"audio": ["a", "b"], "text": ["a", "b", "c", "d"]}
     links = {"text": {"audio_text": ["a"]}}  # text-started tuples: audio retrieved by `a`
     torch.manual_seed(0)
-    model = RouteModule(
-        _meta(groups), align_mode="leave_retriever_out", links=links, gather=False, optimizer=ADAM
+    model = _route(
+        _meta(groups), align_mode="leave_retriever_out", links=links, gather=False
     )
     batch = _route_batch(groups)
     batch["start"] = torch.tensor(
@@ -333,7 +336,7 @@ def test_leave_retriever_out_drops_the_retrievers_groups_per_pair_term() -> None
     e = {m: combine(projected[m], leave_out(out.weights[m], drops[m])) for m in groups}
     expected = info_nce(e["audio"], e["text"], 0.03)
     torch.testing.assert_close(model.alignment(out, projected, batch), expected)
-    plain = RouteModule(_meta(groups), align_mode="leave_retriever_out", links={"text": {}},
+    plain = _route(_meta(groups), align_mode="leave_retriever_out", links={"text": {}},
                         gather=False)  # fmt: skip
     plain.load_state_dict(model.state_dict())
     torch.testing.assert_close(plain.alignment(out, projected, batch),
@@ -390,8 +393,8 @@ def test_route_checkpoints_hold_the_routers_and_the_bound_spaces_digests(tmp_pat
 
     torch.manual_seed(0)
     bound = {name: bind(name) for name in meta["spaces"]}
-    model = RouteModule(meta, optimizer=ADAM, bound=bound)
-    full = RouteModule(meta, optimizer=ADAM)  # no bound directories: the whole state is kept
+    model = _route(meta, bound=bound)
+    full = _route(meta)  # no bound directories: the whole state is kept
     for module in (model, full):
         trainer = L.Trainer(accelerator="cpu", max_steps=3, logger=False, enable_progress_bar=False,
                             enable_checkpointing=False, enable_model_summary=False,

@@ -76,16 +76,17 @@ class BindModule(RetrievalValidation):
         anchor: str,
         dims: dict[str, int],
         anchor_dims: dict[str, int],
-        experts: str | list[str] = "freebind",
-        hidden_dim: int = 2048,
-        renormalize: bool = False,
-        temperature: float = 0.03,
-        loss_weights: dict[str, float] | None = None,
-        optimizer: dict | None = None,
-        scheduler: dict | None = None,
-        warmup_fraction: float = 0.05,
-        gather: bool = True,
+        experts: str | list[str],
+        hidden_dim: int,
+        renormalize: bool,
+        temperature: float,
+        loss_weights: dict[str, float] | None,
+        optimizer: dict,
+        scheduler: dict,
+        warmup_fraction: float,
+        gather: bool,
     ) -> None:
+        """Every value comes from conf/model/bind.yaml, where it is declared once."""
         super().__init__()
         self.save_hyperparameters()
         in_dims = set(dims.values())
@@ -162,8 +163,6 @@ class BindModule(RetrievalValidation):
         """`optimizer` and the per-step `scheduler` (`_partial_` configs): warm-up over
         `warmup_fraction` of the fit's steps."""
         hp = self.hparams
-        if hp.optimizer is None or hp.scheduler is None:
-            raise ValueError("BindModule: no optimizer or scheduler configured (conf/model/bind.yaml)")
         opt = hydra.utils.instantiate(hp.optimizer)(self.parameters())
         total = max(int(self.trainer.estimated_stepping_batches), 1)
         sched = hydra.utils.instantiate(hp.scheduler)(

@@ -94,17 +94,19 @@ class RouteModule(RetrievalValidation):
     def __init__(
         self,
         layout: dict,
-        temperature: float = 0.03,
-        align: float = 1.0,
-        lambda_dec: float = 3.0,
-        optimizer: dict | None = None,
-        fixed_lr: float = 1e-2,
-        gather: bool = True,
-        train: list[str] | None = None,
-        align_mode: str = "all",
+        temperature: float,
+        align: float,
+        lambda_dec: float,
+        optimizer: dict,
+        fixed_lr: float,
+        gather: bool,
+        train: list[str] | None,
+        align_mode: str,
         links: dict | None = None,
         bound: dict[str, str] | None = None,
     ) -> None:
+        """Values from conf/model/route.yaml (declared once there); the stage adds the layout,
+        the tuples' `links` (leave_retriever_out) and the `bound` space directories."""
         super().__init__()
         self.save_hyperparameters()
         self.model = OmniModel(OmniLayout.from_dict(layout))
@@ -245,8 +247,6 @@ class RouteModule(RetrievalValidation):
         """`optimizer` (a `_partial_` config) over the routers that train; fixed weights, a few
         constants, take larger steps (`fixed_lr`)."""
         hp = self.hparams
-        if hp.optimizer is None:
-            raise ValueError("RouteModule: no optimizer configured (conf/model/route.yaml)")
         params = [p for p in self.model.routers.parameters() if p.requires_grad]
         fixed = {} if self.model.layout.kind == "routed" else {"lr": hp.fixed_lr}
         return hydra.utils.instantiate(hp.optimizer)(params, **fixed)
