@@ -164,7 +164,6 @@ class Route:
     epochs: Int
     batch_size: Int
     lr: Float
-    fixed_lr: Float
     weight_decay: Float
     train: list[Modality] | None
     specialty: dict[Str, Provenance]

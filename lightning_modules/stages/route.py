@@ -98,7 +98,6 @@ class RouteModule(RetrievalValidation):
         align: float,
         lambda_dec: float,
         optimizer: dict,
-        fixed_lr: float,
         gather: bool,
         train: list[str] | None,
         align_mode: str,
@@ -244,12 +243,9 @@ class RouteModule(RetrievalValidation):
                 self.log(f"router/{key}/{g}", value)
 
     def configure_optimizers(self):
-        """`optimizer` (a `_partial_` config) over the routers that train; fixed weights, a few
-        constants, take larger steps (`fixed_lr`)."""
-        hp = self.hparams
+        """`optimizer` (a `_partial_` config) over the routers (or fixed weights) that train."""
         params = [p for p in self.model.routers.parameters() if p.requires_grad]
-        fixed = {} if self.model.layout.kind == "routed" else {"lr": hp.fixed_lr}
-        return hydra.utils.instantiate(hp.optimizer)(params, **fixed)
+        return hydra.utils.instantiate(self.hparams.optimizer)(params)
 
 
 def variant_layout(cfg: DictConfig, bound: dict[str, tuple]) -> OmniLayout:
