@@ -15,6 +15,7 @@ every file's sha256; a reader verifies each file against it before first use in 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -327,6 +328,15 @@ class EmbeddingCache:
                 f"{self.directory / (name + '.emb.npy')}: row {row} holds NaN or inf "
                 f"({int((~finite).sum())} bad rows in this part)"
             )
+
+
+def rows_digest(ids: np.ndarray) -> str:
+    """A digest of a pool's items in their order. A tuple table records it for each modality it
+    indexes, so that a reader can tell that the pool changed under the table's rows."""
+    h = hashlib.sha256()
+    for item in ids.tolist():
+        h.update(str(item).encode() + b"\0")
+    return h.hexdigest()[:16]
 
 
 def cache_dir(root: str | os.PathLike, dataset: str, space: str, modality: str) -> Path:

@@ -20,7 +20,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from datamodules.artifacts import CacheError
-from datamodules.cache import EmbeddingCache, cache_dir
+from datamodules.cache import EmbeddingCache, cache_dir, rows_digest
 from datamodules.tuples import check_pool_rows, load_tuples, modalities_of, weights_of
 from encoders.modalities import MODALITIES
 
@@ -363,11 +363,22 @@ class EmbeddingDataModule(L.LightningDataModule):
                 f"{modalities_of(table)}), but the model reads {lacking}"
             )
         arrays = self._open(pool, self.needs)
+        self._check_lineage(meta.get("pool_rows") or {}, arrays)  # tables before it have none
         check_pool_rows(self.tuples, table, {m: len(c) for (_, m), c in arrays.items()})
         rows = {m: torch.from_numpy(np.asarray(table[m], np.int64)) for m in modalities}
         weights = {m: weights_of(table, m) for m in modalities}
         columns = {k: torch.from_numpy(table[k].astype(np.int64)) for k in ("start", "provenance")}
         return BatchGather(arrays, rows, columns, len(table["start"]), weights)
+
+    def _check_lineage(self, recorded: Mapping[str, str], arrays: Mapping) -> None:
+        """The pool caches must hold the items the table was paired on (`pool_rows`)."""
+        for (_, m), c in arrays.items():
+            if m in recorded and rows_digest(EmbeddingCache(c.directory).ids) != recorded[m]:
+                raise CacheError(
+                    f"{self.tuples}: paired on another {m} pool than {c.directory} holds now (its"
+                    " items changed since, e.g. re-extracted with items added); remake the table:"
+                    " python train.py stage=pair (with this run's overrides)"
+                )
 
     def _check_aligned(self, dataset: str, arrays: Mapping[tuple[str, str], CacheRows]) -> None:
         """All spaces' caches of one (dataset, modality) must hold the same items in order."""

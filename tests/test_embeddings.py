@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pickle
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +12,7 @@ import torch
 from conftest import configured
 
 from datamodules.artifacts import CacheError
-from datamodules.cache import CacheWriter, cache_dir
+from datamodules.cache import CacheWriter, cache_dir, rows_digest
 from datamodules.embeddings import CacheRows, EmbeddingDataModule
 from datamodules.tuples import save_tuples
 from encoders.modalities import MODALITIES
@@ -112,6 +113,21 @@ def test_a_table_without_a_needed_modality_is_refused(world: dict, tmp_path: Pat
     table = {k: v for k, v in world["table"].items() if k not in ("text", "conf_text")}
     save_tuples(tmp_path / "t.npz", table, pool="pool")
     with pytest.raises(CacheError, match=r"t.npz: tuple table has no column for \['text'\]"):
+        _dm(world)
+
+
+def test_a_table_paired_on_another_pool_is_refused(world: dict, tmp_path: Path) -> None:
+    """The table records each pool's items (as the pair stage does); re-extracting a pool with
+    items added changes them under the table's rows: refused, naming the table and the cache."""
+    ids = {m: np.arange(n) for m, n in POOL.items()}  # _write's ids
+    save_tuples(tmp_path / "t.npz", world["table"], pool="pool",
+                pool_rows={m: rows_digest(i) for m, i in ids.items()})  # fmt: skip
+    _dm(world)  # the pools it was paired on: accepted
+    for space in DIM:  # every space re-extracted, so their pools stay aligned
+        data = world["data"][(space, "text")]
+        shutil.rmtree(cache_dir(tmp_path, "pool", space, "text"))
+        _write(tmp_path, "pool", space, "text", np.concatenate([data, data[:4]]), shards=3)
+    with pytest.raises(CacheError, match=r"t.npz: paired on another text pool than .*/s[ab]/text"):
         _dm(world)
 
 

@@ -12,7 +12,7 @@ from conftest import compose_config
 from test_search import _brute, _gauss
 
 from datamodules.artifacts import CacheError
-from datamodules.cache import CacheWriter, EmbeddingCache, cache_dir
+from datamodules.cache import CacheWriter, EmbeddingCache, cache_dir, rows_digest
 from datamodules.tuples import load_tuples, save_tuples, weights_of
 from encoders.modalities import MODALITIES, PROVENANCES
 from lightning_modules.pairing.clean import Clean, apply_cells, reuse_keep, soft_conf
@@ -158,6 +158,10 @@ def test_stage_writes_tuples_and_a_correct_summary(compose_cfg, small_world: Pat
     summary = json.loads((Path(cfg.pair.output).parent / SUMMARY).read_text())
     n = 2000
     assert meta["pool"] == "pool" and meta["routes"]["audio_text"] == "clap"
+    # The pools' items in order, for readers to check the table against (test_embeddings.py)
+    space = {m: "uni3d" if m == "point" else "imagebind" for m in MODALITIES}
+    assert meta["pool_rows"] == {m: rows_digest(_pool(small_world, s, m).ids)
+                                 for m, s in space.items()}  # fmt: skip
     assert summary["counts"] == dict.fromkeys(MODALITIES, n) and summary["tuples"] == 4 * n
     labels = {m: _pool(small_world, "uni3d" if m == "point" else "imagebind", m).extra("labels")
               for m in MODALITIES}  # fmt: skip

@@ -33,7 +33,7 @@ from omegaconf import DictConfig
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from datamodules.artifacts import CacheError, atomic_write_json
-from datamodules.cache import EmbeddingCache, cache_dir, cache_is_complete
+from datamodules.cache import EmbeddingCache, cache_dir, cache_is_complete, rows_digest
 from datamodules.tuples import save_tuples
 from encoders.modalities import MODALITIES, PROVENANCES, check_modality, resolve_device
 from lightning_modules.pairing.ann import Ann
@@ -587,7 +587,11 @@ def _write_outputs(
     meta = dict(source="pair", modalities=pools.modalities,
                 routes={f"{a}_{b}": s for (a, b), s in pools.routes.items()}, paths=pools.plan,
                 topk=int(pc.topk), dedupe=bool(pc.dedupe), clean=to_plain(vars(clean)))  # fmt: skip
-    save_tuples(output, final, pool=pc.dataset, **meta)
+    # The items each modality's rows index (one per modality: the spaces' pools are equal);
+    # readers refuse the table once the pool changes under it.
+    first = {m: c for (_, m), c in reversed(pools.caches.items())}
+    pool_rows = {m: rows_digest(c.ids) for m, c in first.items()}
+    save_tuples(output, final, pool=pc.dataset, pool_rows=pool_rows, **meta)
     summary = dict(
         output=str(output),
         root=str(pools.root),
