@@ -25,6 +25,7 @@ import csv
 import hashlib
 import io
 import json
+import os
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -50,14 +51,21 @@ class Items:
     extras: dict[str, np.ndarray] = field(default_factory=dict)
     classes: list[str] | None = None  # label names, when labels were given as names
     refs: list[str] | None = None  # a caption list: each row's item key (see link_captions)
+    root: str | None = None  # the folder file sources are listed under (None: sources are texts)
 
     def __len__(self) -> int:
         return len(self.keys)
 
     def digest(self) -> str:
-        """A hash of the keys, sources and extras, for cache fingerprints."""
+        """A hash of the keys, sources and extras, for cache fingerprints. A file enters by its
+        path relative to `root`, size and modification time: moving the folder keeps it."""
         h = hashlib.sha256()
         for key, source in zip(self.keys, self.sources, strict=True):
+            if self.root is not None:
+                path = Path(source)
+                stat = path.stat() if path.exists() else None
+                size, mtime = (stat.st_size, stat.st_mtime_ns) if stat else (-1, -1)
+                source = f"{Path(os.path.relpath(path, self.root)).as_posix()}\0{size}\0{mtime}"
             h.update(f"{key}\0{source}\0".encode())
         for name, arr in sorted(self.extras.items()):
             h.update(name.encode() + np.ascontiguousarray(arr).tobytes())
@@ -212,7 +220,7 @@ def list_items(modality: str, spec: Mapping, where: str = "") -> Items:
         raise RawDataError(f"{where}: labels is {labels_from!r}; expected dirs (or leave it out)")
     if spec.get("items") and modality != "text":
         raise RawDataError(f"{where}: `items` (a caption list) applies to the text modality only")
-    item_refs = None
+    item_refs, root = None, None
     if modality == "text":
         sources, keys, extras, (labels, item_refs) = _text(source, spec, where)
     else:
@@ -233,6 +241,7 @@ def list_items(modality: str, spec: Mapping, where: str = "") -> Items:
             paths = [source.parent / r for r in rel]
         sources = [str(p) for p in paths]
         extras = {}
+        root = str(source if source.is_dir() else source.parent)
     if not keys:
         raise RawDataError(f"{where}: source {source} holds no {modality} items")
     check_unique(keys, source, where)
@@ -240,7 +249,7 @@ def list_items(modality: str, spec: Mapping, where: str = "") -> Items:
     if label_arr is not None:
         extras["labels"] = label_arr
     refs = [str(r) for r in item_refs] if item_refs is not None and spec.get("items") else None
-    return Items(modality, keys, sources, extras, classes, refs)
+    return Items(modality, keys, sources, extras, classes, refs, root)
 
 
 def link_captions(captions: Items, items: Items, source: str, where: str) -> None:

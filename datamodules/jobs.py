@@ -46,6 +46,9 @@ class ExtractJob:
     stride: int | None = None  # video: every stride-th frame (None: spread evenly)
     audio_weight: float | None = None  # video: the audio track joins with this weight
     meta: dict = field(default_factory=dict)  # recorded in the manifest (encoder, source)
+    # The configuration's own part of `fingerprint` (which also covers the inputs: items, dumps).
+    # A cache of this configuration whose inputs changed is stale, and is extracted again.
+    config: str = ""
 
     @property
     def name(self) -> str:
@@ -65,12 +68,17 @@ class ExtractJob:
     def prepare(self, overwrite: bool = False) -> bool:
         """Get the directory ready (run once, on rank 0); False when the cache is complete.
 
-        A complete cache with this fingerprint is kept; one with another fingerprint, or an
-        interrupted one from another configuration, is refused unless `overwrite`.
+        A complete cache with this fingerprint is kept. One of this configuration made from
+        other inputs (items added, a dump updated) is stale and starts over. One with another
+        configuration, or an interrupted one, is refused unless `overwrite`.
         """
         d = self.directory
         if self.is_complete() and not overwrite:
             return False
+        if d.exists() and self._stale(d):
+            log.info("%s: its inputs changed since it was extracted (items or dump): extracting "
+                     "it again", d)  # fmt: skip
+            overwrite = True
         if overwrite and d.exists():
             shutil.rmtree(d)
         manifest = read_manifest(d) if d.exists() else None
@@ -93,13 +101,21 @@ class ExtractJob:
             raise CacheError(f"{d}: holds shards of unknown origin; pass extract.overwrite=true")
         d.mkdir(parents=True, exist_ok=True)
         atomic_write_json(sidecar, dict(
-            fingerprint=self.fingerprint, dataset=self.dataset, space=self.space,
-            modality=self.modality, items=len(self.items), shard_size=self.shard_size,
+            fingerprint=self.fingerprint, config=self.config, dataset=self.dataset,
+            space=self.space, modality=self.modality, items=len(self.items), shard_size=self.shard_size,
             started=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         ))  # fmt: skip
         atomic_write_json(d / ITEMS, dict(keys=self.items.keys, sources=self.items.sources,
                                           classes=self.items.classes))  # fmt: skip
         return True
+
+    def _stale(self, d: Path) -> bool:
+        """This configuration's cache (or interrupted extraction) of inputs that changed since."""
+        record = read_manifest(d)
+        if record is None and (d / SIDECAR).exists():
+            record = json.loads((d / SIDECAR).read_text())
+        return (bool(self.config) and record is not None and record.get("config") == self.config
+                and record.get("fingerprint") != self.fingerprint)  # fmt: skip
 
     def done_chunks(self) -> set[int]:
         """Chunks whose shard is written (complete shards only: `.emb.npy` is renamed last)."""
@@ -158,7 +174,7 @@ class ExtractJob:
             (self.directory / ERRORS).unlink(missing_ok=True)
         manifest = finalize(
             self.directory, space=self.space, modality=self.modality, dim=self.dim,
-            dtype=self.dtype, normalized=True, fingerprint=self.fingerprint,
+            dtype=self.dtype, normalized=True, fingerprint=self.fingerprint, config=self.config,
             dataset=self.dataset, items=len(self.items), errors=len(errors), **self.meta,
         )  # fmt: skip
         if manifest["count"] + len(errors) != len(self.items):

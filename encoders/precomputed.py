@@ -50,6 +50,14 @@ def find_dump(directory: str | Path, dataset: str, modality: str) -> Path:
     return found[0]
 
 
+def dump_identity(directory: str | Path, dataset: str, modalities: Sequence[str]) -> list:
+    """[name, size, mtime_ns] of each dump and ids file of (dataset, modality), for the cache
+    fingerprint: an updated dump is re-extracted."""
+    folder = Path(directory) / dataset
+    files = [folder / f"{m}{s}" for m in modalities for s in (*SUFFIXES, *ID_SUFFIXES)]
+    return [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files if f.exists()]
+
+
 def _sidecar_ids(path: Path, modality: str) -> list | None:
     for suffix in ID_SUFFIXES:
         side = path.with_name(f"{modality}{suffix}")

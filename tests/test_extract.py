@@ -394,6 +394,24 @@ def test_precomputed_space_is_imported_row_aligned(tmp_path: Path, demo: Path) -
         run(strict)
 
 
+def test_an_updated_dump_is_imported_again(tmp_path: Path, demo: Path) -> None:
+    """The dump's files enter the cache's fingerprint: rewritten, the cache is stale."""
+    keys = list_items("point", {"source": demo / "pool" / "points"}).keys
+    dump = tmp_path / "uni3d_dump" / "pool"
+    dump.mkdir(parents=True)
+    cfg = extract_cfg(tmp_path, demo, "space=demo_uni3d", f"space.encoder.path={dump.parent}",
+                      "extract.modalities=[point]", "extract.datasets=[pool]")  # fmt: skip
+    for seed in (1, 2):
+        emb = np.random.default_rng(seed).standard_normal((len(keys), 1024)).astype(np.float32)
+        np.save(dump / "point.npy", emb)
+        (dump / "point.ids.json").write_text(json.dumps(keys))
+        os.utime(dump / "point.npy", ns=(seed * 10**9, seed * 10**9))  # a later write
+        assert run(cfg) == len(keys)
+        unit = emb / np.linalg.norm(emb, axis=1, keepdims=True)
+        np.testing.assert_allclose(open_cache(cfg, "pool", "point").load(), unit, atol=2e-3)
+    assert run(cfg) == 0  # unchanged: already imported
+
+
 def test_synthetic_data_has_nothing_to_extract(tmp_path: Path) -> None:
     cfg = compose_config(["stage=extract", "space=tiny_clip", f"paths.output_dir={tmp_path}"])
     with pytest.raises(ValueError, match="reads raw items"):

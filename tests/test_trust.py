@@ -18,7 +18,7 @@ from conftest import REPO, compose_config
 from PIL import Image
 
 from datamodules.artifacts import CacheError, file_sha256
-from datamodules.cache import CacheWriter, cache_dir
+from datamodules.cache import CacheWriter, EmbeddingCache, cache_dir
 from datamodules.items import RawDataError, list_items
 from datamodules.tuples import load_tuples, save_tuples
 from lightning_modules.inference.cli import main
@@ -162,6 +162,32 @@ def test_a_failed_extraction_that_wrote_nothing_blocks_no_rerun(tmp_path: Path) 
         extract(bad)
     assert not cache.exists()
     assert extract(compose_config(base)) == 2
+
+
+def test_changed_items_are_extracted_again_and_a_moved_folder_is_not(tmp_path: Path) -> None:
+    """Items added: the cache is stale and re-extracted, without extract.overwrite. The raw
+    folder moved (paths relative to it, sizes and times kept): the caches stay valid."""
+    images = tmp_path / "raw_a" / "images"
+    images.mkdir(parents=True)
+    for i in range(2):
+        Image.fromarray(np.full((8, 8, 3), 60 * i, np.uint8)).save(images / f"item_{i}.png")
+
+    def run(source: Path) -> int:
+        return extract(compose_config([
+            "stage=extract", "space=tiny_clip", "data=demo_raw", "trainer=cpu", "logger=none",
+            "extract.num_workers=0", f"paths.output_dir={tmp_path}", "data.generate=null",
+            "data.benchmarks=[]", f"+data.datasets.few={{image: {{source: '{source}'}}}}",
+            "extract.datasets=[few]"]))  # fmt: skip
+
+    assert run(images) == 2
+    Image.fromarray(np.full((8, 8, 3), 200, np.uint8)).save(images / "item_2.png")
+    assert run(images) == 3  # stale: extracted again
+    cache = cache_dir(tmp_path / "data" / "demo_raw", "few", "tiny_clip", "image")
+    assert EmbeddingCache(cache).count == 3
+    made = (cache / "manifest.json").stat().st_mtime_ns
+    (tmp_path / "raw_a").rename(tmp_path / "raw_b")
+    assert run(tmp_path / "raw_b" / "images") == 0  # already extracted
+    assert (cache / "manifest.json").stat().st_mtime_ns == made
 
 
 def test_search_names_each_hit_s_file_and_class(tmp_path: Path, capsys) -> None:

@@ -23,9 +23,27 @@ from datamodules.artifacts import atomic_write_json, fingerprint
 from datamodules.cache import cache_dir
 from datamodules.items import Items, RawDataError, link_captions, list_items
 from datamodules.jobs import ExtractJob
+from encoders import encoder_class
+from encoders.precomputed import dump_identity
 from encoders.video import audio_track_weight
 from lightning_modules.evaluation.benchmarks import load_benchmarks, zeroshot_prompts
 from lightning_modules.runtime.config import to_plain
+
+
+def _portable(encoder_cfg: Mapping, data: DictConfig) -> Mapping:
+    """The encoder config with a path under `data.source` made relative to it, so that moving
+    the raw folder (dumps included) keeps the caches' fingerprints."""
+    path, source = encoder_cfg.get("path"), data.get("source")
+    if path is None or source is None or not Path(path).is_relative_to(source):
+        return encoder_cfg
+    return {**encoder_cfg, "path": f"<data.source>/{Path(path).relative_to(source).as_posix()}"}
+
+
+def _dump(encoder_cfg: Mapping, dataset: str, modalities: list[str]) -> dict:
+    """A precomputed space's dump files (name, size, mtime): an updated dump re-extracts."""
+    if not encoder_cfg or not encoder_class(encoder_cfg).precomputed:
+        return {}
+    return {"dump": dump_identity(encoder_cfg["path"], dataset, modalities)}
 
 
 def _job(cfg: DictConfig, dataset: str, modality: str, items: Items, spec: Mapping) -> ExtractJob:
@@ -36,13 +54,16 @@ def _job(cfg: DictConfig, dataset: str, modality: str, items: Items, spec: Mappi
     load = to_plain(data.get("load", {}))
     # The audio track enters the fingerprint only when on: caches extracted without it keep theirs.
     joined = {} if audio is None else {"audio_track": audio}
-    fp = fingerprint(dict(space=space.name, dim=dim, encoder=encoder_cfg, modality=modality,
-                          dataset=dataset, items=items.digest(), load=load, **video, **joined,
-                          shard_size=ex.shard_size, dtype=ex.dtype))  # fmt: skip
+    config = fingerprint(dict(space=space.name, dim=dim, encoder=_portable(encoder_cfg, data),
+                              modality=modality, dataset=dataset, load=load, **video, **joined,
+                              shard_size=ex.shard_size, dtype=ex.dtype))  # fmt: skip
+    dumps = _dump(encoder_cfg, dataset, [modality, *(["audio"] if joined else [])])
+    fp = fingerprint(dict(config=config, items=items.digest(), **dumps))
     return ExtractJob(
         dataset, modality, items, cache_dir(data.root, dataset, space.name, modality),
         space.name, dim, fp, int(ex.shard_size), ex.dtype, video["frames"], video["stride"],
         audio, meta=dict(source=f"extract: {data.name}", encoder=encoder_cfg, **joined),
+        config=config,
     )  # fmt: skip
 
 
