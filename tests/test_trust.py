@@ -65,6 +65,28 @@ def test_upstream_false_names_the_missing_table_and_its_command(
     assert not (tmp_path / "pairs").exists()
 
 
+def test_pipeline_redoes_bind_and_route_when_their_data_or_callbacks_change(
+    small_world: Path, compose_cfg, tmp_path: Path
+) -> None:
+    """Bind and route declare the config sections they depend on (their DEPENDS), datamodule,
+    callbacks and trainer included: the pipeline no longer skips them as fresh after such a
+    change, and still skips them after none."""
+    args = ("stage=pipeline", "variant=small", "~variant.spaces.imagebind", "~variant.spaces.uni3d",
+            "~pipeline.routes.fixed", "bind.pairs=oracle", "route.pairs=oracle", *QUICK_BIND[:3],
+            "route.epochs=1", "route.batch_size=256")  # fmt: skip
+    bound = tmp_path / "bound" / "clap" / "projectors.safetensors"
+    routed = tmp_path / "omni" / "small" / "routed" / "omni.safetensors"
+    made = lambda: (bound.stat().st_mtime_ns, routed.stat().st_mtime_ns)  # noqa: E731
+    train(compose_cfg(*args))
+    first = made()
+    train(compose_cfg(*args))
+    assert made() == first  # nothing changed: both skipped
+    for change in ("datamodule.val_share=0.1", "callbacks.early_stopping.patience=7"):
+        before = made()
+        train(compose_cfg(*args, change))
+        assert all(a != b for a, b in zip(made(), before, strict=True)), change
+
+
 # ------------------------------------------------------------------------ no hidden coupling
 
 

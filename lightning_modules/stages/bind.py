@@ -29,6 +29,9 @@ from lightning_modules.runtime.training import fit_best
 from lightning_modules.stages.validation import RetrievalValidation
 
 log = logging.getLogger(__name__)
+# The config sections a bind's export depends on: `stage=pipeline` rebinds when one changes.
+DEPENDS = ("data", "anchor", "seed", "space", "bind", "model.bind", "loss.temperature",
+           "loss.weights", "datamodule", "callbacks", "trainer")  # fmt: skip
 FREEBIND_EXPERTS = ("mix", "A", "T", "V", "AT", "AV", "TV")
 
 

@@ -74,6 +74,9 @@ from lightning_modules.runtime.config import ensure_data, space_configs, to_plai
 from lightning_modules.runtime.training import make_logger
 
 log = logging.getLogger(__name__)
+# The config sections the tuple table depends on (with the pool caches it reads, on raw data):
+# `stage=pipeline` pairs again when one changes.
+DEPENDS = ("data", "anchor", "seed", "pair")
 SUMMARY = "pairs_summary.json"
 Labels = Mapping[str, np.ndarray] | None  # {modality: (pool,) or (pool, L) concept labels}
 

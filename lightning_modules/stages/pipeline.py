@@ -24,7 +24,6 @@ from lightning_modules.runtime.lineage import stage_changes
 from lightning_modules.stages import bind, evaluate, extract, pair, route
 
 log = logging.getLogger(__name__)
-DATA_KEYS = ["data", "anchor", "seed"]  # what every stage's output depends on
 STAMP = "pipeline_config.json"  # beside each stage's output: what made it, and what it was
 
 
@@ -37,7 +36,7 @@ def _sub(cfg: DictConfig, **changes) -> DictConfig:
     return sub
 
 
-def _digest(cfg: DictConfig, keys: list[str], **inputs: str) -> str:
+def _digest(cfg: DictConfig, keys: tuple[str, ...], **inputs: str) -> str:
     """A hash of the resolved config sections that decide a stage's output and of the digests
     of the artifacts it reads."""
     plain = {k: to_plain(OmegaConf.select(cfg, k)) for k in keys}
@@ -96,6 +95,18 @@ def _extract(cfg: DictConfig) -> None:
         extract.run(_sub(cfg, space=space, run_name=f"extract-{name}-{cfg.data.name}"))
 
 
+def _pools(cfg: DictConfig) -> str:
+    """On raw data, the identity of the pool caches the pair stage reads (their fingerprints
+    cover their items): re-extracted with items added, the tuple table is made again. The
+    world's caches follow from its config, which every digest holds."""
+    if cfg.data.kind != "raw":
+        return ""
+    pool = Path(cfg.data.root) / cfg.pair.dataset
+    made = {str(m.parent.relative_to(pool)): json.loads(m.read_text()).get("fingerprint")
+            for m in sorted(pool.glob("*/*/manifest.json"))}  # fmt: skip
+    return fingerprint(made)
+
+
 def pair_step(cfg: DictConfig) -> str:
     """The pair stage, when bind or route read its table, unless fresh; returns the tuples'
     digest. Bind and route run alone call it too when their table is missing (ensure_tuples)."""
@@ -107,7 +118,7 @@ def pair_step(cfg: DictConfig) -> str:
         cfg,
         "pair",
         out.parent,
-        _digest(cfg, [*DATA_KEYS, "pair"]),
+        _digest(cfg, pair.DEPENDS, pools=_pools(cfg)),
         lambda: file_sha256(out),
         lambda: load_tuples(out),
         lambda: pair.run(_sub(cfg, run_name="pair", **stage_changes(cfg, "pair"))),
@@ -123,12 +134,11 @@ def _bind_all(cfg: DictConfig, tuples: str, suffix: str = "") -> dict[str, str]:
         sub = _sub(cfg, space=space, seed=seed, run_name=f"bind-{name}{suffix}",
                    **stage_changes(cfg, "bind"))  # fmt: skip
         sub.bind.export_dir = str(directory)
-        keys = [*DATA_KEYS, "space", "bind", "model.bind", "loss.temperature", "loss.weights"]
         bound[name] = _step(
             sub,
             f"bind {name}{suffix}",
             directory,
-            _digest(sub, keys, tuples=tuples),
+            _digest(sub, bind.DEPENDS, tuples=tuples),
             lambda d=directory: file_sha256(d / BOUND_WEIGHTS),
             lambda d=directory: load_bound_space(d),
             lambda s=sub: bind.run(s),
@@ -146,7 +156,7 @@ def _route(cfg: DictConfig, name: str, overrides: dict, inputs: dict) -> Path:
         cfg,
         f"route {name}",
         export,
-        _digest(sub, [*DATA_KEYS, "variant", "route", "model.route", "loss"], **inputs),
+        _digest(sub, route.DEPENDS, **inputs),
         lambda: file_sha256(export / OMNI_WEIGHTS),
         lambda: load_omni(export),
         lambda: route.run(sub),

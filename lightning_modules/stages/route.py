@@ -47,6 +47,9 @@ from lightning_modules.runtime.training import StartCompetes, fit_best
 from lightning_modules.stages.validation import RetrievalValidation
 
 log = logging.getLogger(__name__)
+# The config sections a route's export depends on: `stage=pipeline` reroutes when one changes.
+DEPENDS = ("data", "anchor", "seed", "variant", "route", "model.route", "loss", "datamodule",
+           "callbacks", "trainer")  # fmt: skip
 # route.align: `all` is the paper's L_align; `leave_retriever_out` computes each pair term of a
 # tuple without the groups of the spaces that retrieved that link (pseudo tuples reward them).
 ALIGN_MODES = ("all", "leave_retriever_out")
