@@ -6,8 +6,9 @@
 Runs the full main job (`python train.py experiment=full`: pair -> bind -> every route recipe
 -> evaluate) once per (world seed, training seed) pair, as `data.seed=W seed=T`, each into its
 own directory under bench/claims_results/runs/<tag>/. A world's caches and bound spaces are
-shared by its training seeds (`bind.seed=0`, one `route.bound_dir` per world): the training seeds vary the routes, the
-methods compared, over the same projectors; the world seeds vary everything. A
+shared by its training seeds (`bind.seed=0`, one `route.bound_dir` per world): the training
+seeds vary the routes, the methods compared, over the same projectors; the world seeds vary
+everything. A
 pair whose results.json exists is skipped, so an interrupted sweep resumes. `--quick` is 2 x 2
 seeds on the small test world (tests/conftest.py SMALL_WORLD); overrides after `--` go to every
 run, and a hash of them names the runs' folder so that runs with other settings never mix.

@@ -2,9 +2,9 @@
 
     python bench/evaluate.py [--quick] [--dim 1536]
 
-Ours is `lightning_modules.evaluation.metrics.recall_at_k` (query chunks of 1024 rows: one matmul, a gather
-of the positives, a top-K; never the whole score matrix). The references materialise the whole
-(n, n) score matrix, so they run at a size where it fits:
+Ours is `lightning_modules.evaluation.metrics.recall_at_k` (query chunks of 1024 rows: one
+matmul, a gather of the positives, a top-K; never the whole score matrix). The references
+materialise the whole (n, n) score matrix, so they run at a size where it fits:
 - clip_benchmark: LAION CLIP_benchmark's recipe: full scores and a dense positive mask, then a
   top-K per batch of queries;
 - full argsort: the whole score matrix, stably argsorted row by row;

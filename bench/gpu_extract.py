@@ -14,7 +14,8 @@ weights at their real sizes (nothing is downloaded; no checkpoint is read), one 
   of their smoke spaces, which changes nothing on the audio side that is timed;
 - --zero3: eva_clip_18b at size 18B (18.3B parameters).
 Per row:
-- ours: the extract stage (`lightning_modules.stages.extract.run`) on one GPU, writing float16 shards:
+- ours: the extract stage (`lightning_modules.stages.extract.run`) on one GPU, writing float16
+        shards:
         trainer.precision=bf16-mixed, or with --zero3 trainer=deepspeed_infer (DeepSpeed
         ZeRO-3, bf16-true; on one GPU the partitions are whole, so this measures ZeRO-3's
         gather hooks, not memory sharing);

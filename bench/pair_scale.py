@@ -151,7 +151,8 @@ def plan_directions() -> list[tuple[str, str, str, int]]:
     pc = compose([]).pair
     routes = parse_routes(to_plain(pc.routes))
     plan = plan_paths(list(pc.starts), routes, to_plain(pc.chain) or {})
-    hops = {(x, y) for paths in plan.values() for p in paths.values() for x, y in zip(p, p[1:])}
+    hops = {(x, y) for paths in plan.values() for p in paths.values()
+            for x, y in zip(p, p[1:], strict=False)}  # fmt: skip
     dims = space_configs(set(routes.values()))
     out = []
     for x, y in sorted(hops):
@@ -182,7 +183,8 @@ def main() -> None:
           f"searches over more than {args.search_queries} queries run on a seeded sample and "
           "are scaled to all queries (marked *)")  # fmt: skip
     header = (f"{'scale':>5} {'rows':>7} {'method':<6} {'settings':<30} {'build s':>8} "
-              f"{'search s':>9} {'total s':>8} {'peak RSS':>9} {'recall@1':>8} {'exact/this':>10}")  # fmt: skip
+              f"{'search s':>9} {'total s':>8} {'peak RSS':>9} {'recall@1':>8} "
+              f"{'exact/this':>10}")  # fmt: skip
     print(header)
     results: dict[int, dict[str, dict]] = {}
     with tempfile.TemporaryDirectory(prefix="pair_scale_") as tmp:
@@ -206,7 +208,8 @@ def main() -> None:
                 results[scale][method] = r
                 mark = "*" if r["searched"] < r["queries"] else " "
                 ratio = results[scale]["exact"]["total"] / r["total"]
-                print(f"{scale:>4}x {rows:>7} {method:<6} {settings[method]:<30} {r['build']:>8.1f} "
+                print(f"{scale:>4}x {rows:>7} {method:<6} {settings[method]:<30} "
+                      f"{r['build']:>8.1f} "
                       f"{r['search']:>8.1f}{mark} {r['total']:>8.1f} {r['peak'] / 2**30:>7.2f} G "
                       f"{r['recall']:>8.4f} {ratio:>10.2f}", flush=True)  # fmt: skip
             for p in pools.values():
@@ -215,7 +218,8 @@ def main() -> None:
     paper(results, args.scales)
     hnsw = results[top]["hnsw"]
     print(f"# at {top}x: hnsw recall@1 {hnsw['recall']:.4f}, ivf "
-          f"{results[top]['ivf']['recall']:.4f}; whole run {time.perf_counter() - t_all:.0f} s")  # fmt: skip
+          f"{results[top]['ivf']['recall']:.4f}; "
+          f"whole run {time.perf_counter() - t_all:.0f} s")  # fmt: skip
     print(f"RESULT pair_scale ratio={results[top]['exact']['total'] / hnsw['total']:.3f}")
 
 
@@ -241,14 +245,15 @@ def paper(results: dict[int, dict[str, dict]], scales: list[int]) -> None:
           f"row x (gallery / {ex['gallery']})^a, fitted a (build, search) = "
           + ", ".join(f"{m} ({b:.2f}, {s:.2f})" for m, (b, s) in fits.items()))  # fmt: skip
     print(f"{'direction':<24} {'queries':>9} {'gallery':>9} {'dim':>5} {'exact h':>9} "
-          f"{'ivf h':>8} {'hnsw h':>8} {'GPU exact h (est.)':>19} {'GPU ivf h (est.)':>17}")  # fmt: skip
+          f"{'ivf h':>8} {'hnsw h':>8} {'GPU exact h (est.)':>19} "
+          f"{'GPU ivf h (est.)':>17}")  # fmt: skip
     totals = dict.fromkeys(("exact", "ivf", "hnsw", "gpu_exact", "gpu_ivf"), 0.0)
     for space, x, y, dim in plan_directions():
         nq, ng = PAPER[x], PAPER[y]
         cost = {"exact": per_mac * nq * ng * dim}
         for m, (a_b, a_s) in fits.items():
             r = results[top][m]
-            grow = lambda a: (ng / r["gallery"]) ** a  # noqa: E731
+            grow = lambda a, ng=ng, r=r: (ng / r["gallery"]) ** a  # noqa: E731
             cost[m] = (r["build"] / r["gallery"] * ng * grow(a_b)
                        + r["search"] / r["queries"] * nq * grow(a_s)) * dim / r["dim"]  # fmt: skip
         cost["gpu_exact"] = 2 * nq * ng * dim / GPU_FLOPS
@@ -261,7 +266,8 @@ def paper(results: dict[int, dict[str, dict]], scales: list[int]) -> None:
         for k in totals:
             totals[k] += cost[k]
         print(f"{space + ' ' + x + '->' + y:<24} {nq:>9} {ng:>9} {dim:>5} "
-              f"{cost['exact'] / 3600:>9.1f} {cost['ivf'] / 3600:>8.1f} {cost['hnsw'] / 3600:>8.1f} "
+              f"{cost['exact'] / 3600:>9.1f} {cost['ivf'] / 3600:>8.1f} "
+              f"{cost['hnsw'] / 3600:>8.1f} "
               f"{cost['gpu_exact'] / 3600:>19.2f} {cost['gpu_ivf'] / 3600:>17.2f}")  # fmt: skip
     print(f"{'total':<24} {'':>9} {'':>9} {'':>5} {totals['exact'] / 3600:>9.1f} "
           f"{totals['ivf'] / 3600:>8.1f} {totals['hnsw'] / 3600:>8.1f} "

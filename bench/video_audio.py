@@ -4,10 +4,11 @@
 
 For each world seed (`data.seed`), the world's `test_video_text` set (data=world_v2 by default:
 1,000 videos of 200 held-out concepts, 4 frames each, one caption each) is embedded by ImageBind's
-stand-in encoder exactly as the world writes its caches (`datamodules.synthetic.world.embed`, stored at
-`data.dtype`), once with frames only and once per audio weight w with `video.audio_track` on
-(the audio track joins the frame mean: normalize((1 - w) v + w a), encoders/video.py). Only
-videos of concepts that make a sound have a track (world_v2: about half). R@1 both ways is the
+stand-in encoder exactly as the world writes its caches (`datamodules.synthetic.world.embed`,
+stored at `data.dtype`), once with frames only and once per audio weight w with
+`video.audio_track` on (the audio track joins the frame mean: normalize((1 - w) v + w a),
+encoders/video.py). Only videos of concepts that make a sound have a track (world_v2: about
+half). R@1 both ways is the
 project's metric (`recall_at_k`, the evaluate stage's `raw:imagebind` numbers).
 
 Prints per-seed rows, then mean +- the 95% Student-t half-width over seeds for each setting and

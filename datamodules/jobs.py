@@ -102,7 +102,8 @@ class ExtractJob:
         d.mkdir(parents=True, exist_ok=True)
         atomic_write_json(sidecar, dict(
             fingerprint=self.fingerprint, config=self.config, dataset=self.dataset,
-            space=self.space, modality=self.modality, items=len(self.items), shard_size=self.shard_size,
+            space=self.space, modality=self.modality, items=len(self.items),
+            shard_size=self.shard_size,
             started=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         ))  # fmt: skip
         atomic_write_json(d / ITEMS, dict(keys=self.items.keys, sources=self.items.sources,

@@ -210,7 +210,8 @@ def test_save_pretrained_round_trip_is_bit_exact(tmp_path: Path) -> None:
         [HUB_CARD, HUB_CONFIG, HUB_WEIGHTS]
     )
     config = json.loads((out / HUB_CONFIG).read_text())
-    assert config["sha256"] == sha256_file(out / HUB_WEIGHTS) and config["omni"] == model.layout.to_dict()
+    assert config["sha256"] == sha256_file(out / HUB_WEIGHTS)
+    assert config["omni"] == model.layout.to_dict()
 
     loaded = OmniBind.from_pretrained(out)
     inputs = per_space()

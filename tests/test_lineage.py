@@ -1,4 +1,5 @@
-"""W&B lineage and tables (lightning_modules/runtime/lineage.py), offline, and the main job's console.
+"""W&B lineage and tables (lightning_modules/runtime/lineage.py), offline, and the main job's
+console.
 
 The pipeline test reads what the offline runs wrote (their `.wandb` transaction logs), so it
 checks what `wandb sync` would upload, not only which functions were called.
@@ -26,7 +27,8 @@ from train import train
 
 # The main job at its smallest: one route run, no oracle upper bound, one epoch a stage.
 PIPELINE = ("stage=pipeline", "variant=small", "~pipeline.routes.fixed", "bind.epochs=1",
-            "bind.hidden_dim=64", "bind.batch_size=256", "route.epochs=1", "route.batch_size=256")  # fmt: skip
+            "bind.hidden_dim=64", "bind.batch_size=256", "route.epochs=1",
+            "route.batch_size=256")  # fmt: skip
 SPACES = ("clap", "imagebind", "uni3d")  # variant=small
 
 

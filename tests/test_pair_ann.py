@@ -69,8 +69,10 @@ def test_queries_the_index_cannot_fill_are_searched_exactly() -> None:
 def test_a_pool_too_small_for_the_index_is_searched_exactly() -> None:
     q, g = _clustered(300, 16, seed=5), _clustered(2000, 16, seed=6)
     exact = search(q, g, 2)["a_to_b"]
-    small = {_ann(search="ivf", nlist=1024, nprobe=8): "2000 gallery rows < 39 x pair.nlist=1024",
-             _ann(search="hnsw", ef_search=2000): "2000 gallery rows <= pair.ef_search=2000"}  # fmt: skip
+    small = {
+        _ann(search="ivf", nlist=1024, nprobe=8): "2000 gallery rows < 39 x pair.nlist=1024",
+        _ann(search="hnsw", ef_search=2000): "2000 gallery rows <= pair.ef_search=2000",
+    }
     for ann, why in small.items():
         got = search_direction(q, g, 2, ann)
         assert got.report["index"] == "exact" and why in got.report["fallback"]

@@ -1,6 +1,6 @@
-"""The config schema (lightning_modules/runtime/schema.py): every composable config passes with every key
-declared, and a missing or wrong-typed key fails at startup naming the key and the file that
-should declare it (an undeclared one too, with strict=True)."""
+"""The config schema (lightning_modules/runtime/schema.py): every composable config passes with
+every key declared, and a missing or wrong-typed key fails at startup naming the key and the file
+that should declare it (an undeclared one too, with strict=True)."""
 
 from __future__ import annotations
 
@@ -101,8 +101,8 @@ def test_wrong_types_name_the_key_value_and_file() -> None:
 def test_undeclared_keys_are_refused_naming_the_schema(caplog: pytest.LogCaptureFixture) -> None:
     _fails(
         ["+space.foo=1"],
-        "space.foo: not a declared key; declare it with its type in lightning_modules/runtime/schema.py "
-        "(Space), or remove it from conf/space/clap.yaml",
+        "space.foo: not a declared key; declare it with its type in "
+        "lightning_modules/runtime/schema.py (Space), or remove it from conf/space/clap.yaml",
     )
     _fails(["+bind.foo=1"], "bind.foo: not a declared key", "(Bind)")
     # train.py refuses them: a misspelled key (`lables` for `labels`) would be silently ignored.

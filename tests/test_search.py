@@ -1,4 +1,5 @@
-"""Exact blocked top-k search (lightning_modules/pairing/search.py): ties, directions, shards, biases."""
+"""Exact blocked top-k search (lightning_modules/pairing/search.py): ties, directions, shards,
+biases."""
 
 from __future__ import annotations
 

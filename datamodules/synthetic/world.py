@@ -684,8 +684,8 @@ def _write_oracle_tuples(cfg: Mapping, root: Path) -> None:
 def _write_benchmarks(root: Path, video: bool = False) -> None:
     """The benchmark manifests (val and test) that the evaluate stage and validation read.
 
-    The format is documented in lightning_modules/evaluation/benchmarks.py. With video, a `world_video_text`
-    row (MSR-VTT-like) follows the six modality pairs.
+    The format is documented in lightning_modules/evaluation/benchmarks.py. With video, a
+    `world_video_text` row (MSR-VTT-like) follows the six modality pairs.
     """
     for split in ("val", "test"):
         videos = [

@@ -1,9 +1,10 @@
 """Scoring one method on a manifest's benchmarks: retrieval R@K and zero-shot top-K / mAP.
 
-Metrics (lightning_modules/evaluation/metrics.py) follow CLIP_benchmark: R@K counts a query as a hit when any
-positive is in the top K (text->X: each caption is a query with its one item; X->text: one query
-per item, a hit is any of its captions); zero-shot class embeddings are the re-normalised mean of
-the L2-normalised template embeddings. Ties are broken deterministically (see TIES).
+Metrics (lightning_modules/evaluation/metrics.py) follow CLIP_benchmark: R@K counts a query as a
+hit when any positive is in the top K (text->X: each caption is a query with its one item;
+X->text: one query per item, a hit is any of its captions); zero-shot class embeddings are the
+re-normalised mean of the L2-normalised template embeddings. Ties are broken deterministically
+(see TIES).
 """
 
 from __future__ import annotations

@@ -12,8 +12,8 @@ config.json (the omni layout and the weights' sha256) and a generated model card
 `from_pretrained` reads that, or a route/convert export (omni.safetensors + omni.json).
 
 Omni embeddings are L2-normalised; a gallery is an embedding cache (datamodules/cache.py) of
-them, searched exactly (blocked matmul or faiss, lightning_modules/pairing/search.py; on equal scores the
-lower row wins).
+them, searched exactly (blocked matmul or faiss, lightning_modules/pairing/search.py; on equal
+scores the lower row wins).
 
 """
 

@@ -143,7 +143,9 @@ def variant_groups(
     for m in groups:
         preds = list(predictors.get(m, []))
         if not preds:
-            raise ValueError(f"variant {variant!r}: no predictors for {m!r} (variant.predictors.{m})")
+            raise ValueError(
+                f"variant {variant!r}: no predictors for {m!r} (variant.predictors.{m})"
+            )
         for p in preds:
             if m not in dims[p]:
                 raise ValueError(f"variant {variant!r}: predictor {p!r} has no {m} side")

@@ -36,8 +36,8 @@ from lightning_modules.runtime.config import pairs_source, tuples_path
 log = logging.getLogger(__name__)
 
 # Left out of exported folders: per-machine verification stamps and the pipeline's own stamp
-# (lightning_modules/stages/pipeline.py STAMP); neither is part of the model, and both change between
-# machines and runs, which would change the artifact's digest.
+# (lightning_modules/stages/pipeline.py STAMP); neither is part of the model, and both change
+# between machines and runs, which would change the artifact's digest.
 LEFT_OUT = {VERIFIED, "pipeline_config.json"}
 PAIRS_SUMMARY = "pairs_summary.json"  # pair.SUMMARY, written beside the tuple table
 

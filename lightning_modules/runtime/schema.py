@@ -481,8 +481,8 @@ def _problem(error: dict, key: str, schema: type, file: str) -> str:
         return f"{full}: missing; declare it in {file}"
     if error["type"] in ("unexpected_keyword_argument", "extra_forbidden"):
         return (
-            f"{full}: not a declared key; declare it with its type in lightning_modules/runtime/schema.py "
-            f"({schema.__name__}), or remove it from {file}"
+            f"{full}: not a declared key; declare it with its type in "
+            f"lightning_modules/runtime/schema.py ({schema.__name__}), or remove it from {file}"
         )
     what = "the key" if "[key]" in error["loc"] else "got"
     message = error["msg"].removeprefix("Value error, ")

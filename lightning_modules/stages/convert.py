@@ -1,9 +1,10 @@
 """Convert stage: an official OmniBind checkpoint (projectors + routers) as our omni export.
 
 `python train.py stage=convert variant=base|large|full convert.checkpoint=FILE` reads the
-release's state dict and writes `omni.json` + `omni.safetensors` (lightning_modules/omni/model.py) to
-`convert.export_dir`, which `omni.export.load_omni`, the evaluate stage (`omni:<variant>/official`) and
-`lightning_modules/inference/api.py` read like a route-stage export.
+release's state dict and writes `omni.json` + `omni.safetensors` (lightning_modules/omni/model.py)
+to `convert.export_dir`, which `omni.export.load_omni`, the evaluate stage
+(`omni:<variant>/official`) and `lightning_modules/inference/api.py` read like a route-stage
+export.
 
 The release's layout (DESIGN.md, "Facts from the official inference release", checked against
 its `omni_model/router.py` and `omni_utils.py`):

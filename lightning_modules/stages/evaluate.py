@@ -2,11 +2,11 @@
 
 `python train.py stage=evaluate evaluate.methods=[raw:clap,bound:clap,omni:base/routed]`
 
-Where each concern lives:
-    lightning_modules/evaluation/benchmarks.py  manifests (retrieval, zero-shot, prompts, video rows)
-    lightning_modules/evaluation/methods.py     raw:/bound:/omni: methods that embed cached rows
-    lightning_modules/evaluation/scoring.py     R@K and zero-shot scoring (CLIP_benchmark semantics)
-    lightning_modules/evaluation/reports.py     results.md, the compact console summary, the W&B table
+Where each concern lives (in lightning_modules/evaluation/):
+    benchmarks.py  manifests (retrieval, zero-shot, prompts, video rows)
+    methods.py     raw:/bound:/omni: methods that embed cached rows
+    scoring.py     R@K and zero-shot scoring (CLIP_benchmark semantics)
+    reports.py     results.md, the compact console summary, the W&B table
 Real benchmarks plug in by pointing `evaluate.benchmarks` at a manifest; entries naming `classes`
 use `evaluate.templates.<modality>` when they give no templates of their own.
 """

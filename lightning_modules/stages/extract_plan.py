@@ -4,7 +4,8 @@ Every item list is read (and checked) here, before anything is embedded, so a ba
 (a missing folder, repeated ids, captions without provenance, a manifest naming classes without
 templates) stops the run without touching a cache already extracted.
 
-Zero-shot prompts: `data.benchmarks` lists benchmark manifests (lightning_modules/evaluation/benchmarks.py).
+Zero-shot prompts: `data.benchmarks` lists benchmark manifests
+(lightning_modules/evaluation/benchmarks.py).
 Each zero-shot entry naming `classes` has its class x template prompts embedded by every space
 with a text side into dataset `<name>_prompts` under `data.root`, rows class-major with a `label`
 extra (class index) and a `template` extra. A copy of the manifest with `root: "."` is written
