@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import json
 import os
 import sys
 from collections.abc import Callable
@@ -19,9 +20,12 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # `pytest` run from anywhere finds the packages and train.py
     sys.path.insert(0, str(REPO))
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from hydra import compose, initialize_config_dir  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
+
+from lightning_modules.stages.pair import SUMMARY  # noqa: E402
 
 # The tests' tensors are tiny: on a small shared machine, intra-op threads only contend (a
 # projector step ran 10x slower with 2 threads than with 1 on the 2-core sandbox).
@@ -96,3 +100,29 @@ def compose_cfg(tmp_path: Path, world_cfg: DictConfig) -> Compose:
         return compose_config([*SMALL_WORLD, f"paths.output_dir={tmp_path}", *data, *overrides])
 
     return make
+
+
+# ---------------------------------------------------------------------------- shared helpers
+# Used by tests in several folders (pairing/ and stages/).
+
+
+def brute_topk(q: np.ndarray, g: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k by float64 scores, ties to the lower gallery row: (scores (n, k), rows (n, k))."""
+    s = q.astype(np.float64) @ g.astype(np.float64).T
+    rows = np.stack([np.lexsort((np.arange(len(g)), -r))[:k] for r in s])
+    return np.take_along_axis(s, rows, 1), rows
+
+
+def gauss_rows(n: int, d: int, seed: int) -> np.ndarray:
+    x = np.random.default_rng(seed).standard_normal((n, d)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+# The pair stage on the small world, as tests/lightning_modules/stages/test_pair.py runs it.
+PAIR_STAGE = ("stage=pair", "pair.routes.audio_text=clap", "pair.progress=false",
+              "pair.clean.provenance=false")  # fmt: skip
+
+
+def pair_summary(cfg) -> dict:
+    """The pair stage's pairs_summary.json."""
+    return json.loads((Path(cfg.pair.output).parent / SUMMARY).read_text())

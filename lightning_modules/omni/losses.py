@@ -4,7 +4,8 @@ Global negatives (gather=True) follow open_clip's ClipLoss with `gather_with_gra
 gathers every rank's rows (with gradients) and returns the loss of the WHOLE global batch. The
 backward of `torch.distributed.nn.functional.all_gather` sums the W ranks' identical gradients into
 each rank's own rows (W x the one-process gradient), and DDP divides the summed parameter
-gradients by W, so a step equals one process on the concatenated batch (tests/test_losses.py).
+gradients by W, so a step equals one process on the concatenated batch
+(tests/lightning_modules/omni/test_losses.py).
 """
 
 from __future__ import annotations

@@ -6,7 +6,8 @@ error names that file: `conf/config.yaml` for the stage blocks (`bind:`, `route:
 `conf/data/<name>.yaml` for `data.*`, `conf/space/<name>.yaml` for a space. `validate(cfg)` runs
 on any composed config (train.py calls it first; tests may call it on `compose(...)`); it reports
 every missing or wrong-typed key at once. A key that no schema declares is only warned about at run
-time (tests/test_schema.py fails on it, so the schemas stay complete).
+time (tests/lightning_modules/runtime/test_schema.py fails on it, so the schemas stay
+complete).
 
 Hydra's struct mode already refuses an unknown key at composition. Not registered in Hydra's
 ConfigStore: the checks need literal choices and either-or types, which pydantic validates and

@@ -13,7 +13,7 @@ from PIL import Image
 from encoders import build_encoder, build_processor
 from encoders.composite import CompositeEncoder
 
-CONF = Path(__file__).resolve().parents[1] / "conf" / "space"
+CONF = Path(__file__).resolve().parents[2] / "conf" / "space"
 
 
 def test_tiny_uni3d_embeds_points_with_uni3d_and_the_rest_with_eva02() -> None:

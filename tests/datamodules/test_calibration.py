@@ -11,7 +11,7 @@ import torch
 
 from lightning_modules.evaluation.metrics import recall_at_k
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 _spec = importlib.util.spec_from_file_location("calibration", REPO / "bench" / "calibration.py")
 calibration = importlib.util.module_from_spec(_spec)
 sys.modules["calibration"] = calibration

@@ -8,8 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import compose_config
-from test_search import _brute, _gauss
+from conftest import PAIR_STAGE, brute_topk, compose_config, gauss_rows, pair_summary
 
 from datamodules.artifacts import CacheError
 from datamodules.cache import CacheWriter, EmbeddingCache, cache_dir, rows_digest
@@ -31,8 +30,6 @@ from train import train
 
 # The shared small world has clap, not wavcaps, as its audio-text space. The stage tests check
 # each cleaning rule alone, so the provenance rule (on by default) is off unless a test sets it.
-PAIR = ("stage=pair", "pair.routes.audio_text=clap", "pair.progress=false",
-        "pair.clean.provenance=false")  # fmt: skip
 
 
 # ---------------------------------------------------------------------------- plan and tuples
@@ -152,7 +149,7 @@ def _pool(root: Path, space: str, m: str) -> EmbeddingCache:
 
 
 def test_stage_writes_tuples_and_a_correct_summary(compose_cfg, small_world: Path) -> None:
-    cfg = compose_cfg(*PAIR)
+    cfg = compose_cfg(*PAIR_STAGE)
     train(cfg)
     table, meta = load_tuples(cfg.pair.output)
     summary = json.loads((Path(cfg.pair.output).parent / SUMMARY).read_text())
@@ -181,13 +178,13 @@ def test_stage_writes_tuples_and_a_correct_summary(compose_cfg, small_world: Pat
 
 
 def test_stage_retrieves_exact_top1_and_chains(compose_cfg, small_world: Path) -> None:
-    cfg = compose_cfg(*PAIR, "pair.chunk=300", "pair.gallery_chunk=700")
+    cfg = compose_cfg(*PAIR_STAGE, "pair.chunk=300", "pair.gallery_chunk=700")
     train(cfg)
     table, _ = load_tuples(cfg.pair.output)
 
     def top1(space: str, x: str, y: str, rows: np.ndarray) -> np.ndarray:
         q = _pool(small_world, space, x).load()[rows]
-        return _brute(q, _pool(small_world, space, y).load(), 1)[1][:, 0]
+        return brute_topk(q, _pool(small_world, space, y).load(), 1)[1][:, 0]
 
     audio = table["start"] == MODALITIES.index("audio")
     a, img = table["audio"][audio], table["image"][audio]
@@ -201,16 +198,16 @@ def test_stage_retrieves_exact_top1_and_chains(compose_cfg, small_world: Path) -
 
 
 def test_stage_faiss_topk_and_dedupe(compose_cfg, small_world: Path) -> None:
-    torch_cfg = compose_cfg(*PAIR, "pair.topk=2")
+    torch_cfg = compose_cfg(*PAIR_STAGE, "pair.topk=2")
     train(torch_cfg)
     table, _ = load_tuples(torch_cfg.pair.output)
     assert len(table["start"]) == 2 * 4 * 2000
-    faiss_cfg = compose_cfg(*PAIR, "pair.topk=2", "pair.backend=faiss",
+    faiss_cfg = compose_cfg(*PAIR_STAGE, "pair.topk=2", "pair.backend=faiss",
                             "pair.output=${paths.output_dir}/faiss/tuples.npz")  # fmt: skip
     train(faiss_cfg)
     for c, v in load_tuples(faiss_cfg.pair.output)[0].items():
         np.testing.assert_array_equal(v, table[c], err_msg=c)
-    cfg = compose_cfg(*PAIR, "pair.topk=2", "pair.dedupe=true")
+    cfg = compose_cfg(*PAIR_STAGE, "pair.topk=2", "pair.dedupe=true")
     train(cfg)
     deduped, meta = load_tuples(cfg.pair.output)
     items = np.stack([deduped[m] for m in MODALITIES], 1)
@@ -222,15 +219,15 @@ def test_stage_faiss_topk_and_dedupe(compose_cfg, small_world: Path) -> None:
 
 def test_stage_names_a_pair_without_route(compose_cfg, small_world: Path) -> None:
     with pytest.raises(ValueError, match="no route for point-audio"):
-        train(compose_cfg(*PAIR, "pair.modalities=[point,audio]"))
+        train(compose_cfg(*PAIR_STAGE, "pair.modalities=[point,audio]"))
     with pytest.raises(ValueError, match=r"point_text=clap.*does not embed \['point'\]"):
-        train(compose_cfg(*PAIR, "pair.routes.point_text=clap"))
+        train(compose_cfg(*PAIR_STAGE, "pair.routes.point_text=clap"))
 
 
 def _files_world(
     root: Path, sizes: dict[str, int], odd_ids: bool = False, without: tuple = ()
 ) -> None:
-    """Pools of the PAIR routes' spaces (less `without`) as an extract stage writes them."""
+    """Pools of the PAIR_STAGE routes' spaces (less `without`) as an extract stage writes them."""
     dims = {"clap": 512, "imagebind": 1024, "uni3d": 1024, "eva_clip_18b": 1536}
     spaces = {"clap": ("audio", "text"), "imagebind": ("audio", "image"),
               "uni3d": ("point", "image", "text"), "eva_clip_18b": ("image", "text")}  # fmt: skip
@@ -244,13 +241,13 @@ def _files_world(
             if n:
                 ids = np.arange(n) + (1 if odd_ids and space == "uni3d" else 0)
                 extras = {"provenance": np.zeros(n, np.int8)} if m == "text" else {}
-                writer.append(_gauss(n, dims[space], seed=n), ids, **extras)
+                writer.append(gauss_rows(n, dims[space], seed=n), ids, **extras)
             writer.close()
 
 
 def test_stage_on_extracted_pools_and_its_errors(compose_cfg, tmp_path: Path) -> None:
     root = tmp_path / "extracted"
-    files = (*PAIR, "data.kind=files", f"data.root={root}", "pair.min_tuples=1")
+    files = (*PAIR_STAGE, "data.kind=files", f"data.root={root}", "pair.min_tuples=1")
     sizes = dict(point=9, audio=10, image=11, text=12)
     _files_world(root, sizes)
     train(compose_cfg(*files))
@@ -266,10 +263,10 @@ def test_stage_on_extracted_pools_and_its_errors(compose_cfg, tmp_path: Path) ->
         match=r"the image pool differs between spaces .* Re-extract "
         r"both .*stage=extract space=\w+ extract.overwrite=true",
     ):
-        train(compose_cfg(*PAIR, "data.kind=files", f"data.root={tmp_path / 'odd'}"))
+        train(compose_cfg(*PAIR_STAGE, "data.kind=files", f"data.root={tmp_path / 'odd'}"))
     _files_world(tmp_path / "empty", {**sizes, "point": 0})
     with pytest.raises(CacheError, match=r"uni3d/point: the point pool is empty"):
-        train(compose_cfg(*PAIR, "data.kind=files", f"data.root={tmp_path / 'empty'}"))
+        train(compose_cfg(*PAIR_STAGE, "data.kind=files", f"data.root={tmp_path / 'empty'}"))
 
 
 # ---------------------------------------------------------------------------- any subset
@@ -277,7 +274,7 @@ def test_stage_on_extracted_pools_and_its_errors(compose_cfg, tmp_path: Path) ->
 
 def test_stage_pairs_a_subset_of_modalities(compose_cfg, small_world: Path) -> None:
     # No 3D: the point routes are gone, so point is neither a start nor a column.
-    cfg = compose_cfg(*PAIR, "~pair.routes.point_image", "~pair.routes.point_text")
+    cfg = compose_cfg(*PAIR_STAGE, "~pair.routes.point_image", "~pair.routes.point_text")
     train(cfg)
     table, meta = load_tuples(cfg.pair.output)
     assert meta["modalities"] == ["audio", "image", "text"] and "point" not in table
@@ -285,11 +282,11 @@ def test_stage_pairs_a_subset_of_modalities(compose_cfg, small_world: Path) -> N
     audio = table["start"] == MODALITIES.index("audio")
     np.testing.assert_array_equal(  # still the exact top-1 in the route's space
         table["image"][audio],
-        _brute(_pool(small_world, "imagebind", "audio").load(),
+        brute_topk(_pool(small_world, "imagebind", "audio").load(),
                _pool(small_world, "imagebind", "image").load(), 1)[1][:, 0],
     )  # fmt: skip
     # Image and text alone: only the anchor's route is searched.
-    cfg = compose_cfg(*PAIR, "pair.modalities=[image,text]")
+    cfg = compose_cfg(*PAIR_STAGE, "pair.modalities=[image,text]")
     train(cfg)
     table, meta = load_tuples(cfg.pair.output)
     summary = json.loads((Path(cfg.pair.output).parent / SUMMARY).read_text())
@@ -302,7 +299,7 @@ def test_stage_auto_leaves_out_routes_without_pools(compose_cfg, tmp_path: Path)
     # A CLAP-to-CLIP user: no uni3d pools, the default routes and starts unchanged.
     root = tmp_path / "extracted"
     _files_world(root, dict(point=9, audio=10, image=11, text=12), without=("uni3d",))
-    cfg = compose_cfg(*PAIR, "data.kind=files", f"data.root={root}", "pair.min_tuples=1")
+    cfg = compose_cfg(*PAIR_STAGE, "data.kind=files", f"data.root={root}", "pair.min_tuples=1")
     train(cfg)
     table, meta = load_tuples(cfg.pair.output)
     summary = json.loads((Path(cfg.pair.output).parent / SUMMARY).read_text())
@@ -311,7 +308,7 @@ def test_stage_auto_leaves_out_routes_without_pools(compose_cfg, tmp_path: Path)
     assert summary["counts"] == {"point": 0, "audio": 10, "image": 11, "text": 12}
     # An explicit list is a promise: a missing pool is an error, not a silent skip.
     with pytest.raises(CacheError, match="uni3d/point"):
-        train(compose_cfg(*PAIR, "data.kind=files", f"data.root={root}",
+        train(compose_cfg(*PAIR_STAGE, "data.kind=files", f"data.root={root}",
                           "pair.modalities=[point,image]"))  # fmt: skip
 
 
@@ -428,22 +425,18 @@ def test_tuple_tables_allow_missing_items_and_refuse_bad_rows(tmp_path: Path) ->
 # ---------------------------------------------------------------------------- cleaning stage
 
 
-def _summary(cfg) -> dict:
-    return json.loads((Path(cfg.pair.output).parent / SUMMARY).read_text())
-
-
 def test_stage_mutual_keeps_cycle_consistent_items_and_logs(compose_cfg, small_world: Path) -> None:
-    cfg = compose_cfg(*PAIR, "pair.clean.mutual=true", "logger=csv")
+    cfg = compose_cfg(*PAIR_STAGE, "pair.clean.mutual=true", "logger=csv")
     train(cfg)
     table, meta = load_tuples(cfg.pair.output)
-    summary = _summary(cfg)
+    summary = pair_summary(cfg)
     assert [r["rule"] for r in summary["rules"]] == ["none", "mutual"]
     before, after = summary["rules"]
     assert before["tuples"] == 8000 and after["tuples"] == summary["tuples"] < 8000
     assert meta["clean"]["mutual"] is True
     # Every kept audio->image item is mutual; every dropped one is not; its chained point goes too.
     a_pool, i_pool = (_pool(small_world, "imagebind", m).load() for m in ("audio", "image"))
-    a2i, i2a = _brute(a_pool, i_pool, 1)[1][:, 0], _brute(i_pool, a_pool, 1)[1][:, 0]
+    a2i, i2a = brute_topk(a_pool, i_pool, 1)[1][:, 0], brute_topk(i_pool, a_pool, 1)[1][:, 0]
     audio = table["start"] == MODALITIES.index("audio")
     a, img = table["audio"][audio], table["image"][audio]
     mutual = i2a[a2i[a]] == a
@@ -461,34 +454,35 @@ def test_stage_mutual_keeps_cycle_consistent_items_and_logs(compose_cfg, small_w
 def test_stage_rule_below_min_tuples_stops_naming_it(compose_cfg, small_world: Path) -> None:
     match = r"rule 'mutual' keeps \d+ tuples of 4000, fewer than pair.min_tuples=3999"
     with pytest.raises(ValueError, match=match):
-        train(compose_cfg(*PAIR, "pair.modalities=[image,text]", "pair.clean.mutual=true",
+        train(compose_cfg(*PAIR_STAGE, "pair.modalities=[image,text]", "pair.clean.mutual=true",
                           "pair.min_tuples=3999"))  # fmt: skip
 
 
 def test_stage_cross_space_agreement(compose_cfg, small_world: Path) -> None:
-    cfg = compose_cfg(*PAIR, "pair.clean.cross_k=3", "pair.modalities=[audio,image,text]")
+    cfg = compose_cfg(*PAIR_STAGE, "pair.clean.cross_k=3", "pair.modalities=[audio,image,text]")
     train(cfg)
     table, _ = load_tuples(cfg.pair.output)
-    summary = _summary(cfg)
+    summary = pair_summary(cfg)
     # The first other route space (by name) that embeds both; audio-image has none.
     want = {"audio_text": "imagebind", "image_text": "imagebind", "audio_image": None}
     assert summary["cross_spaces"] == want
     text = table["start"] == MODALITIES.index("text")
     t, img = table["text"][text], table["image"][text]
-    top3 = _brute(*(_pool(small_world, "imagebind", m).load() for m in ("text", "image")), 3)[1]
-    eva = _brute(*(_pool(small_world, "eva_clip_18b", m).load() for m in ("text", "image")), 1)[1]
+    pools = {s: [_pool(small_world, s, m).load() for m in ("text", "image")]
+             for s in ("imagebind", "eva_clip_18b")}  # fmt: skip
+    top3, eva = brute_topk(*pools["imagebind"], 3)[1], brute_topk(*pools["eva_clip_18b"], 1)[1]
     agree = (top3[t] == eva[t, :1]).any(1)
     np.testing.assert_array_equal(img >= 0, agree)
     assert 0 < agree.mean() < 1
     # A similarity threshold in a named second space.
-    cfg = compose_cfg(*PAIR, "pair.modalities=[image,text]", "pair.clean.cross_threshold=0.3",
+    cfg = compose_cfg(*PAIR_STAGE, "pair.modalities=[image,text]", "pair.clean.cross_threshold=0.3",
                       "+pair.clean.cross_spaces.image_text=uni3d")  # fmt: skip
     train(cfg)
     table, _ = load_tuples(cfg.pair.output)
-    assert _summary(cfg)["cross_spaces"] == {"image_text": "uni3d"}
+    assert pair_summary(cfg)["cross_spaces"] == {"image_text": "uni3d"}
     # Image-started rows run over the image pool in order; a row whose text goes is dropped.
     x, y = (_pool(small_world, "uni3d", m).load() for m in ("image", "text"))
-    text = _brute(*(_pool(small_world, "eva_clip_18b", m).load() for m in ("image", "text")), 1)
+    text = brute_topk(*(_pool(small_world, "eva_clip_18b", m).load() for m in ("image", "text")), 1)
     sim = np.einsum("nd,nd->n", x, y[text[1][:, 0]])
     image = table["start"] == MODALITIES.index("image")
     np.testing.assert_array_equal(table["image"][image], np.flatnonzero(sim >= 0.3))
@@ -497,10 +491,10 @@ def test_stage_cross_space_agreement(compose_cfg, small_world: Path) -> None:
 
 
 def test_stage_csls_is_hubness_corrected_search(compose_cfg, small_world: Path) -> None:
-    cfg = compose_cfg(*PAIR, "pair.clean.csls=5", "pair.modalities=[audio,image]")
+    cfg = compose_cfg(*PAIR_STAGE, "pair.clean.csls=5", "pair.modalities=[audio,image]")
     train(cfg)
     table, _ = load_tuples(cfg.pair.output)
-    assert [r["rule"] for r in _summary(cfg)["rules"]] == ["csls"]
+    assert [r["rule"] for r in pair_summary(cfg)["rules"]] == ["csls"]
     a, b = (
         _pool(small_world, "imagebind", m).load().astype(np.float64) for m in ("audio", "image")
     )
@@ -514,20 +508,21 @@ def test_stage_csls_is_hubness_corrected_search(compose_cfg, small_world: Path) 
 
 
 def test_stage_soft_provenance_and_reuse(compose_cfg, small_world: Path) -> None:
-    cfg = compose_cfg(*PAIR, "pair.topk=2", "pair.clean.soft=true", "pair.modalities=[image,text]")
+    cfg = compose_cfg(*PAIR_STAGE, "pair.topk=2", "pair.clean.soft=true",
+                      "pair.modalities=[image,text]")
     train(cfg)
     table, _ = load_tuples(cfg.pair.output)
     image = table["start"] == MODALITIES.index("image")
     pair_sum = table["conf_text"][image].reshape(-1, 2).sum(1)  # ranks 0 and 1 of each image
     np.testing.assert_allclose(pair_sum, 1, rtol=1e-5)
     assert (table["conf_image"][image] == 1).all() and 0.5 <= table["conf_text"][image][0] <= 1
-    top = _summary(cfg)["soft_top_conf"]["image->text"]  # the rank-0 tuples' mean weight
+    top = pair_summary(cfg)["soft_top_conf"]["image->text"]  # the rank-0 tuples' mean weight
     assert top == pytest.approx(table["conf_text"][image][::2].mean(), rel=1e-5) and top > 0.5
 
-    cfg = compose_cfg(*PAIR, "pair.clean.provenance=true", "pair.clean.max_reuse=1")
+    cfg = compose_cfg(*PAIR_STAGE, "pair.clean.provenance=true", "pair.clean.max_reuse=1")
     train(cfg)
     table, _ = load_tuples(cfg.pair.output)
-    summary = _summary(cfg)
+    summary = pair_summary(cfg)
     assert [r["rule"] for r in summary["rules"]] == ["none", "provenance", "max_reuse"]
     text = table["start"] == MODALITIES.index("text")
     prov = _pool(small_world, "clap", "text").extra("provenance")[table["text"][text]]

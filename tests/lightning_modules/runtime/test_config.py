@@ -12,7 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from encoders.modalities import MODALITIES, PROVENANCES
 
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+CONF_DIR = Path(__file__).resolve().parents[3] / "conf"
 # conf/sweep holds W&B sweep configs (their ${args} are W&B macros), not a Hydra group.
 GROUPS = sorted(
     p.name for p in CONF_DIR.iterdir() if p.is_dir() and p.name not in ("sweep", "__pycache__")

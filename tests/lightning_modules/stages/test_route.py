@@ -25,7 +25,7 @@ from lightning_modules.omni.model import FixedWeights, OmniModel, specialty_labe
 from lightning_modules.stages.route import RouteModule
 from train import train
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[3]
 # The small variant's spaces (clap, imagebind, uni3d) are the small world's.
 SMALL_VARIANT = ("variant=small",)
 

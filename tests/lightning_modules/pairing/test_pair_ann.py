@@ -7,9 +7,7 @@ import logging
 
 import numpy as np
 import pytest
-from conftest import compose_config
-from test_pair import PAIR, _summary
-from test_search import _brute
+from conftest import PAIR_STAGE, brute_topk, compose_config, pair_summary
 
 from datamodules.cache import EmbeddingCache, cache_dir
 from datamodules.tuples import load_tuples
@@ -41,7 +39,7 @@ def _ann(**settings) -> Ann:
 def test_recall_at_1_is_high_on_a_clustered_pool(ann: Ann) -> None:
     q, g = _clustered(1500, 32, seed=1), _clustered(4000, 32, seed=2)
     got = search_direction(q, g, 3, ann, seed=0)
-    want_s, want_i = _brute(q, g, 3)
+    want_s, want_i = brute_topk(q, g, 3)
     recall = (got.rows[:, 0] == want_i[:, 0]).mean()
     assert recall > 0.95
     # The report's recall is that of its seeded sample, checked against exact search.
@@ -98,10 +96,10 @@ def _pool_rows(root, space: str, m: str) -> np.ndarray:
 
 
 def test_stage_hnsw_writes_a_table_and_a_summary_with_recall(compose_cfg, small_world) -> None:
-    cfg = compose_cfg(*PAIR, *HNSW, "pair.recall_queries=500", "pair.modalities=[image,text]")
+    cfg = compose_cfg(*PAIR_STAGE, *HNSW, "pair.recall_queries=500", "pair.modalities=[image,text]")
     train(cfg)
     table, meta = load_tuples(cfg.pair.output)
-    summary = _summary(cfg)
+    summary = pair_summary(cfg)
     assert summary["tuples"] == 2 * 2000 and meta["routes"] == {"image_text": "eva_clip_18b"}
     index = summary["search_index"]
     assert index["search"] == "hnsw" and index["fallbacks"] == {}
@@ -123,33 +121,33 @@ def test_stage_hnsw_writes_a_table_and_a_summary_with_recall(compose_cfg, small_
 
 
 def test_stage_falls_back_to_exact_and_records_it(compose_cfg, small_world, caplog) -> None:
-    cfg = compose_cfg(*PAIR, "pair.search=ivf", "pair.modalities=[image,text]")
+    cfg = compose_cfg(*PAIR_STAGE, "pair.search=ivf", "pair.modalities=[image,text]")
     with caplog.at_level(logging.WARNING, logger="lightning_modules.stages.pair"):
         train(cfg)
-    index = _summary(cfg)["search_index"]
+    index = pair_summary(cfg)["search_index"]
     why = "2000 gallery rows < 39 x pair.nlist=1024 (39936)"
     assert set(index["fallbacks"]) == {"eva_clip_18b:image->text", "eva_clip_18b:text->image"}
     assert all(why in v for v in index["fallbacks"].values()) and index["min_recall_at_1"] is None
-    assert all(e["index"] == "exact" for e in _summary(cfg)["search"])
+    assert all(e["index"] == "exact" for e in pair_summary(cfg)["search"])
     assert "exact search instead of pair.search=ivf" in caplog.text
     # With cells the pool can train, the same run is approximate and measures its recall.
-    cfg = compose_cfg(*PAIR, "pair.search=ivf", "pair.modalities=[image,text]",
+    cfg = compose_cfg(*PAIR_STAGE, "pair.search=ivf", "pair.modalities=[image,text]",
                       "pair.nlist=32", "pair.nprobe=8",
                       "pair.output=${paths.output_dir}/ivf/tuples.npz")  # fmt: skip
     train(cfg)
-    index = _summary(cfg)["search_index"]
+    index = pair_summary(cfg)["search_index"]
     assert index["fallbacks"] == {} and index["min_recall_at_1"] > 0.9
 
 
 def test_stage_cleaning_rules_run_on_approximate_neighbours(compose_cfg, small_world) -> None:
     rules = ("pair.clean.csls=5", "pair.clean.mutual=true", "pair.clean.max_reuse=3",
              "pair.clean.soft=true", "pair.topk=2", "pair.modalities=[audio,image]")  # fmt: skip
-    approx = compose_cfg(*PAIR, *rules, *HNSW)
+    approx = compose_cfg(*PAIR_STAGE, *rules, *HNSW)
     train(approx)
-    exact = compose_cfg(*PAIR, *rules, "pair.output=${paths.output_dir}/exact/tuples.npz")
+    exact = compose_cfg(*PAIR_STAGE, *rules, "pair.output=${paths.output_dir}/exact/tuples.npz")
     train(exact)
     got, want = load_tuples(approx.pair.output)[0], load_tuples(exact.pair.output)[0]
-    summary, reference = _summary(approx), _summary(exact)
+    summary, reference = pair_summary(approx), pair_summary(exact)
     assert [r["rule"] for r in summary["rules"]] == ["csls", "mutual", "max_reuse"]
     roles = sorted(e["role"] for e in summary["search"])
     assert roles == ["csls_penalty"] * 2 + ["route"] * 2
