@@ -60,14 +60,14 @@ def ensure_data(cfg: DictConfig, names: Iterable[str]) -> Path:
     return root
 
 
-def pairs_source(cfg: DictConfig, which: str) -> str:
+def pairs_source(which: str) -> str:
     """`auto` is the pair stage's table (pseudo tuples), on the synthetic world too."""
     return "pseudo" if which == "auto" else str(which)
 
 
 def tuples_path(cfg: DictConfig, which: str, root: Path) -> Path:
     """The tuple table that bind or route trains on: auto, oracle, pseudo, or a .npz path."""
-    which = pairs_source(cfg, which)
+    which = pairs_source(which)
     if which == "oracle":
         if cfg.data.kind != "synthetic":
             raise ValueError(
@@ -83,7 +83,7 @@ def ensure_tuples(cfg: DictConfig, which: str, root: Path) -> Path:
     """tuples_path, made first by the pipeline's pair step when it is a missing pseudo table;
     with upstream=false a missing table is refused, naming the command that makes it."""
     path = tuples_path(cfg, which, root)
-    if path.exists() or pairs_source(cfg, which) != "pseudo":
+    if path.exists() or pairs_source(which) != "pseudo":
         return path
     command = f"python train.py stage=pair paths.output_dir={cfg.paths.output_dir}"
     if not cfg.upstream:
@@ -103,7 +103,7 @@ def ensure_tuples(cfg: DictConfig, which: str, root: Path) -> Path:
 def tuples_record(cfg: DictConfig, which: str, root: Path) -> dict:
     """What an export records of its training tuples: the source and the table's sha256."""
     path = tuples_path(cfg, which, root)
-    return {"pairs": pairs_source(cfg, which), "tuples_sha256": file_sha256(path)}
+    return {"pairs": pairs_source(which), "tuples_sha256": file_sha256(path)}
 
 
 def validation_record(datamodule) -> dict:

@@ -179,7 +179,7 @@ def log_pair(logger, output: Path, summary: Mapping) -> None:
 
 def _tuples_read(cfg: DictConfig, which: str, root: Path):
     """The Artifact of the tuple table that bind or route reads (`bind.pairs`/`route.pairs`)."""
-    return tuples_artifact(tuples_path(cfg, which, root), pairs_source(cfg, which))
+    return tuples_artifact(tuples_path(cfg, which, root), pairs_source(which))
 
 
 def log_bind(logger, cfg: DictConfig, root: Path) -> None:

@@ -110,7 +110,7 @@ def _pools(cfg: DictConfig) -> str:
 def pair_step(cfg: DictConfig) -> str:
     """The pair stage, when bind or route read its table, unless fresh; returns the tuples'
     digest. Bind and route run alone call it too when their table is missing (ensure_tuples)."""
-    sources = {pairs_source(cfg, cfg.bind.pairs), pairs_source(cfg, cfg.route.pairs)}
+    sources = {pairs_source(cfg.bind.pairs), pairs_source(cfg.route.pairs)}
     if "pseudo" not in sources:
         return ",".join(sorted(sources))  # the world's oracle (its config is in every digest)
     out = Path(cfg.pair.output)
