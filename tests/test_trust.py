@@ -212,6 +212,22 @@ def test_changed_items_are_extracted_again_and_a_moved_folder_is_not(tmp_path: P
     assert (cache / "manifest.json").stat().st_mtime_ns == made
 
 
+def test_pipeline_extracts_only_the_datasets_named_per_space(monkeypatch, tmp_path) -> None:
+    """pipeline.extract_datasets limits one space's extraction (e.g. a pair-only space to the
+    pool); the others fill every dataset, and a space the pipeline never extracts is refused."""
+    from lightning_modules.stages import pipeline
+
+    seen = {}
+    monkeypatch.setattr(pipeline.extract, "run",
+                        lambda c: seen.setdefault(c.space.name, c.extract.datasets))  # fmt: skip
+    base = ["experiment=demo_raw", f"paths.output_dir={tmp_path}"]
+    cfg = compose_config([*base, "pipeline.extract_datasets={demo_points: [pool]}"])
+    pipeline._extract(cfg)
+    assert seen.pop("demo_points") == ["pool"] and seen and set(seen.values()) == {None}
+    with pytest.raises(ValueError, match=r"pipeline.extract_datasets names \['clap'\]"):
+        pipeline._extract(compose_config([*base, "pipeline.extract_datasets={clap: [pool]}"]))
+
+
 def test_search_names_each_hit_s_file_and_class(tmp_path: Path, capsys) -> None:
     """A gallery of an extracted cache: hits print as their source file and class name."""
     meta = dict(

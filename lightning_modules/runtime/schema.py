@@ -117,6 +117,7 @@ class Pipeline:
     routes: dict[Str, dict[Str, Any]]  # run name -> {dotted key: value} overrides
     oracle: Bool
     extract: dict[Str, dict[Str, Any]] = Field(default_factory=dict)  # space -> its overrides
+    extract_datasets: dict[Str, list[Str] | None] | None = None  # space -> datasets (null: all)
 
 
 @dataclass(config=CLOSED)

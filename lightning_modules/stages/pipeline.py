@@ -90,9 +90,15 @@ def _extract(cfg: DictConfig) -> None:
     spaces = {**cfg.variant.spaces, cfg.anchor.name: cfg.anchor}
     for name, overrides in cfg.pipeline.extract.items():  # read by the pair stage's routes only
         spaces[name] = OmegaConf.merge(space_configs([name])[name], overrides)
+    only = cfg.pipeline.get("extract_datasets") or {}
+    unknown = sorted(set(only) - set(spaces))
+    if unknown:
+        raise ValueError(f"pipeline.extract_datasets names {unknown}, which the pipeline does not "
+                         f"extract; expected some of {sorted(spaces)}")  # fmt: skip
     for name, space in spaces.items():
         log.info("pipeline: extract %s", name)
-        extract.run(_sub(cfg, space=space, run_name=f"extract-{name}-{cfg.data.name}"))
+        datasets = {"extract.datasets": only[name]} if only.get(name) is not None else {}
+        extract.run(_sub(cfg, space=space, run_name=f"extract-{name}-{cfg.data.name}", **datasets))
 
 
 def _pools(cfg: DictConfig) -> str:
