@@ -94,7 +94,7 @@ def run(cfg: DictConfig) -> float | None:
     atomic_write_json(out / "results.json", results)
     text = markdown(results, benchmarks)
     atomic_write(out / "results.md", lambda f: f.write(text.encode()))
-    log.info("evaluate: wrote %s and %s", out / "results.json", out / "results.md")
+    log.info("evaluate: wrote results.json and results.md to %s", out)
     logger = make_logger(cfg)
     lineage.log_evaluate(logger, cfg, results, benchmarks)  # the table; W&B: what it scored
     if lineage.is_wandb(cfg):

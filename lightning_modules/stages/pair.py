@@ -148,9 +148,9 @@ def run(cfg: DictConfig) -> float | None:
     lineage.log_pair(_log_metrics(cfg, stages), Path(pc.output), summary)  # table and Artifact
     if labels is None:
         return None
-    log.info("pair: concept agreement %s (chance %s)",
-             {m: round(v, 3) for m, v in summary["concept_agreement"].items()},
-             {m: round(v, 4) for m, v in summary["chance_agreement"].items()})  # fmt: skip
+    for key in ("concept_agreement", "chance_agreement"):  # per start modality
+        log.info("pair: %s per start: %s", key.replace("_", " "),
+                 ", ".join(f"{m} {v:.4f}" for m, v in summary[key].items()))  # fmt: skip
     return float(np.mean(list(summary["concept_agreement"].values())))
 
 
