@@ -16,10 +16,12 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"}  # see test_ops._env
+    """The environment of a new user's shell: no HF_HUB_OFFLINE or WANDB_MODE preset (conftest
+    sets them for this process), so the entry points' own offline defaults are what runs."""
+    unset = ("WANDB_SERVICE", "HF_HUB_OFFLINE", "WANDB_MODE")  # WANDB_SERVICE: see test_ops._env
+    env = {k: v for k, v in os.environ.items() if k not in unset}
     # A wide console: rich wraps a long table title (the gallery path) at 80 columns otherwise.
-    return env | {"HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "PYTHONPATH": str(REPO),
-                  "COLUMNS": "400"}  # fmt: skip
+    return env | {"PYTHONPATH": str(REPO), "COLUMNS": "400"}
 
 
 def guide_commands(out: Path) -> list[list[str]]:
