@@ -20,6 +20,7 @@ from PIL import Image
 from datamodules.artifacts import CacheError, file_sha256
 from datamodules.cache import CacheWriter, EmbeddingCache, cache_dir
 from datamodules.items import RawDataError, list_items
+from datamodules.synthetic.demo_raw import ensure_demo_raw
 from datamodules.tuples import load_tuples, save_tuples
 from lightning_modules.inference.cli import main
 from lightning_modules.omni.export import BOUND_WEIGHTS, load_bound_space, load_omni, save_omni
@@ -113,6 +114,25 @@ def test_route_reads_the_pool_name_from_the_tuple_table(
     digest = file_sha256(tmp_path / "bound" / "clap" / BOUND_WEIGHTS)[:16]
     assert (tmp_path / "projected" / digest / "unpaired" / "clap@omni" / "audio").is_dir()
     assert not (tmp_path / "projected" / digest / "pool").exists()
+
+
+def test_raw_data_with_a_pool_named_unpaired_runs_end_to_end(tmp_path: Path) -> None:
+    """experiment=demo_raw with its pool dataset renamed `unpaired`: the whole pipeline
+    (extract, pair, bind, route, evaluate) reads the name from the config and the tuple table."""
+    source = "${data.source}/pool"
+    pool = (f"{{image: {{source: '{source}/images'}}, audio: {{source: '{source}/audio'}}, "
+            f"point: {{source: '{source}/points'}}, text: {{source: '{source}/captions.jsonl'}}}}")
+    cfg = compose_config(["experiment=demo_raw", f"paths.output_dir={tmp_path}", "logger=none",
+                          "trainer=cpu", "extract.num_workers=0", "~data.datasets.pool",
+                          f"+data.datasets.unpaired={pool}", "pair.dataset=unpaired"])  # fmt: skip
+    # The demo's precomputed spaces dump under their dataset's name, as a user's would.
+    dumps = ensure_demo_raw(Path(cfg.data.source), seed=cfg.data.seed) / "dumps"
+    (dumps / "unpaired").symlink_to(dumps / "pool")
+    train(cfg)
+    assert load_tuples(tmp_path / "pairs" / "tuples.npz")[1]["pool"] == "unpaired"
+    assert not (tmp_path / "data" / "demo_raw" / "pool").exists()
+    results = json.loads((Path(cfg.run_dir) / "results.json").read_text())
+    assert results["methods"]["routed"]["retrieval"]
 
 
 # ------------------------------------------------------------------------ offline by default
