@@ -371,8 +371,10 @@ class EmbeddingDataModule(L.LightningDataModule):
         return BatchGather(arrays, rows, columns, len(table["start"]), weights)
 
     def _check_lineage(self, recorded: Mapping[str, str], arrays: Mapping) -> None:
-        """The pool caches must hold the items the table was paired on (`pool_rows`)."""
-        for (_, m), c in arrays.items():
+        """The pool caches must hold the items the table was paired on (`pool_rows`); the
+        spaces' caches of a modality are aligned (_check_aligned), so one of them is read."""
+        first = {m: c for (_, m), c in reversed(arrays.items())}
+        for m, c in first.items():
             if m in recorded and rows_digest(EmbeddingCache(c.directory).ids) != recorded[m]:
                 raise CacheError(
                     f"{self.tuples}: paired on another {m} pool than {c.directory} holds now (its"
